@@ -1,0 +1,3 @@
+from .weibull import WeibullCalibrator
+
+__all__ = ["WeibullCalibrator"]
