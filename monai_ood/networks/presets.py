@@ -1,0 +1,156 @@
+"""Presets: which layer of each supported network carries the OOD head, and default networks to wrap.
+
+The head goes on the encoder output (the bottleneck), as in the paper (section 4.1: "output features of
+the encoder as f_int"), at 1/16 of the input resolution for the default configurations below.
+
+| preset       | network                                   | hooked layer                      |
+|--------------|-------------------------------------------|-----------------------------------|
+| ``unet``     | :class:`monai.networks.nets.UNet`         | innermost ``...submodule`` (bottom) |
+| ``basic_unet`` | :class:`monai.networks.nets.BasicUNet`  | ``down_4``                        |
+| ``dynunet``  | :class:`monai.networks.nets.DynUNet`      | ``bottleneck``                    |
+| ``segresnet``| :class:`monai.networks.nets.SegResNet`    | ``down_layers.<last>``            |
+| ``deeplabv3``| :class:`monai_ood.networks.DeepLabV3`     | ``backbone.layer4`` (2048 channels) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
+from monai.utils import look_up_option
+from torch import nn
+
+from .prototype_net import PrototypeOODNet
+
+__all__ = ["PRESETS", "Preset", "create_prototype_network", "feature_layer_for"]
+
+
+def _unet_bottom(net: UNet) -> str:
+    # MONAI's UNet nests each level as Sequential(down, SkipConnection(submodule), up): follow the chain.
+    name, module = "model", net.model
+    while isinstance(module, nn.Sequential) and len(module) == 3 and hasattr(module[1], "submodule"):
+        name, module = f"{name}.1.submodule", module[1].submodule
+    return name
+
+
+def _segresnet_last_down(net: SegResNet) -> str:
+    return f"down_layers.{len(net.down_layers) - 1}"
+
+
+def _deeplabv3_layer(net: nn.Module) -> str:
+    from .deeplabv3 import DEEPLABV3_FEATURE_LAYER
+
+    return DEEPLABV3_FEATURE_LAYER
+
+
+def _build_unet(spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> UNet:
+    kwargs = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2, **kwargs}
+    return UNet(spatial_dims, in_channels, out_channels, **kwargs)
+
+
+def _build_basic_unet(spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> BasicUNet:
+    return BasicUNet(spatial_dims, in_channels, out_channels, **kwargs)
+
+
+def _build_dynunet(spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> DynUNet:
+    kwargs = {
+        "kernel_size": [3] * 5,
+        "strides": [1, 2, 2, 2, 2],
+        "upsample_kernel_size": [2] * 4,
+        "filters": [16, 32, 64, 128, 256],
+        **kwargs,
+    }
+    return DynUNet(spatial_dims, in_channels, out_channels, **kwargs)
+
+
+def _build_segresnet(spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> SegResNet:
+    kwargs = {"init_filters": 16, "blocks_down": (1, 2, 2, 4, 4), "blocks_up": (1, 1, 1, 1), **kwargs}
+    return SegResNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
+
+
+def _build_deeplabv3(spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
+    from .deeplabv3 import DeepLabV3
+
+    return DeepLabV3(spatial_dims, in_channels, out_channels, **kwargs)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A supported network: how to build its default configuration and where its encoder output is."""
+
+    network_type: type | None
+    build: Callable[..., nn.Module]
+    feature_layer: Callable[[nn.Module], str]
+
+
+def _deeplabv3_type() -> type:
+    from .deeplabv3 import DeepLabV3
+
+    return DeepLabV3
+
+
+PRESETS: dict[str, Preset] = {
+    "unet": Preset(UNet, _build_unet, _unet_bottom),
+    "basic_unet": Preset(BasicUNet, _build_basic_unet, lambda net: "down_4"),
+    "dynunet": Preset(DynUNet, _build_dynunet, lambda net: "bottleneck"),
+    "segresnet": Preset(SegResNet, _build_segresnet, _segresnet_last_down),
+    # DeepLabV3 is resolved lazily so that importing the presets does not build the ResNet module.
+    "deeplabv3": Preset(None, _build_deeplabv3, _deeplabv3_layer),
+}
+
+
+def feature_layer_for(network: nn.Module) -> str:
+    """The name of the encoder-output module of a supported network (the layer the head hooks).
+
+    Raises:
+        ValueError: for a network type without a preset; pass ``layer=...`` to :class:`PrototypeOODNet`.
+    """
+    for preset in PRESETS.values():
+        network_type = preset.network_type or _deeplabv3_type()
+        if isinstance(network, network_type):
+            return preset.feature_layer(network)
+    raise ValueError(
+        f"no preset knows where the encoder of {type(network).__name__} ends; pass layer='<module name>' "
+        f"(one of backbone.named_modules()); presets exist for: {', '.join(PRESETS)}"
+    )
+
+
+def create_prototype_network(
+    preset: str,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    head_channels: int = 256,
+    network_kwargs: dict[str, Any] | None = None,
+    **wrapper_kwargs: Any,
+) -> PrototypeOODNet:
+    """Build a supported network with its default configuration and wrap it with the OOD head.
+
+    Args:
+        preset: one of ``unet``, ``basic_unet``, ``dynunet``, ``segresnet``, ``deeplabv3``.
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        out_channels: segmentation classes K (also the number of prototypes).
+        head_channels: embedding size ``c_g``.
+        network_kwargs: overrides of the network's constructor arguments.
+        wrapper_kwargs: further :class:`PrototypeOODNet` arguments (``head_act``, ``outlier_norm``, ...).
+
+    Example:
+        >>> net = create_prototype_network("unet", spatial_dims=3, in_channels=1, out_channels=3, head_channels=32)
+        >>> net(torch.zeros(1, 1, 32, 32, 32)).shape
+        torch.Size([1, 3, 32, 32, 32])
+    """
+    spec = look_up_option(preset, PRESETS)  # returns the value for a dict
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    backbone = spec.build(spatial_dims, in_channels, out_channels, **(network_kwargs or {}))
+    return PrototypeOODNet(
+        backbone,
+        num_classes=out_channels,
+        layer=spec.feature_layer(backbone),
+        head_channels=head_channels,
+        spatial_dims=spatial_dims,
+        **wrapper_kwargs,
+    )
