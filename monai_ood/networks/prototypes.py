@@ -70,8 +70,9 @@ class MahalanobisPrototypes(nn.Module):
 
     * Means ``mu_k`` are initialised from the standard normal N(0, I), as the paper states.
     * Variances ``sigma_{k,i}`` are kept positive by storing their logarithm:
-      ``sigma = exp(log_variances)``, initialised at 0 (``sigma = 1``, i.e. ``Sigma_k = I`` at the start).
-      The log parameterisation makes gradient steps multiplicative in ``sigma`` and never needs clamping.
+      ``sigma = exp(clamp(log_variances, -10, 10))``, initialised at 0 (``sigma = 1``, so ``Sigma_k = I`` at
+      the start). The log makes gradient steps multiplicative in ``sigma``; the clamp keeps ``sigma`` in
+      ``[4.5e-5, 2.2e4]`` so that an aggressive step cannot underflow it to 0 and make distances NaN.
     * Distances are expanded as ``sum_i v_i^2 / s_ki - 2 v_i mu_ki / s_ki + mu_ki^2 / s_ki``: three
       ``(K, c_g) x (B, c_g, S)`` contractions, so no ``B x K x c_g x S`` tensor is ever materialised
       (3D feature maps stay affordable). The result is clamped at 0 against float round-off and
@@ -90,6 +91,8 @@ class MahalanobisPrototypes(nn.Module):
         torch.Size([2, 4, 8, 8])
     """
 
+    LOG_VARIANCE_RANGE = (-10.0, 10.0)
+
     def __init__(self, num_classes: int, num_dims: int = 256) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -104,7 +107,7 @@ class MahalanobisPrototypes(nn.Module):
     @property
     def variances(self) -> torch.Tensor:
         """The diagonal covariances ``(K, num_dims)``, always positive."""
-        return self.log_variances.exp()
+        return self.log_variances.clamp(*self.LOG_VARIANCE_RANGE).exp()
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         if embeddings.dim() < 3 or embeddings.shape[1] != self.num_dims:
@@ -114,7 +117,7 @@ class MahalanobisPrototypes(nn.Module):
         batch, _, *spatial = embeddings.shape
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             flat = embeddings.float().flatten(2)  # (B, C, S)
-            inv_var = torch.exp(-self.log_variances.float())  # (K, C)
+            inv_var = torch.exp(-self.log_variances.float().clamp(*self.LOG_VARIANCE_RANGE))  # (K, C)
             means = self.means.float()
             squared = torch.einsum("kc,bcs->bks", inv_var, flat * flat)
             cross = torch.einsum("kc,bcs->bks", means * inv_var, flat)

@@ -1,3 +1,3 @@
-from .outlier_synthesis import OutlierSynthesis, OutlierSynthesisd, OutlierSynthesisD, OutlierSynthesisDict
+from .outlier_synthesis import OutlierSynthesis, OutlierSynthesisD, OutlierSynthesisd, OutlierSynthesisDict
 
 __all__ = ["OutlierSynthesis", "OutlierSynthesisd", "OutlierSynthesisD", "OutlierSynthesisDict"]
