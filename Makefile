@@ -14,7 +14,7 @@ STAMP := $(VENV)/.monai-ood-installed
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[data,dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP)
