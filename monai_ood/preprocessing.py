@@ -35,6 +35,7 @@ __all__ = [
     "resample_to_reference",
     "slicing_grid",
     "volume_grid",
+    "preprocessing_from_dict",
     "to_grid",
     "volume_to_slices",
     "array_on_grid",
@@ -94,15 +95,20 @@ class SlicePreprocessing:
 @dataclass
 class VolumePreprocessing:
     """How a 3D model's inputs are made: an LPS-aligned grid at ``spacing`` (x, y, z mm) over the whole
-    field of view, intensities windowed per volume at ``percentiles``."""
+    field of view, intensities windowed per volume at ``percentiles``; inference by sliding windows of
+    ``roi_size`` voxels (array order z, y, x)."""
 
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     percentiles: tuple[float, float] = (1.0, 99.0)
+    roi_size: tuple[int, int, int] = (96, 96, 96)
     spatial_dims: int = field(default=3, init=False)
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(s) for s in self.spacing)
         self.percentiles = tuple(float(p) for p in self.percentiles)
+        self.roi_size = tuple(int(s) for s in self.roi_size)
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise ValueError(f"roi_size must be three positive ints, got {self.roi_size!r}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"spacing must be three positive numbers (mm), got {self.spacing!r}")
         _check_percentiles(self.percentiles)
