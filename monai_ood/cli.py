@@ -45,19 +45,17 @@ def _device(name: str | None):
     return torch.device(name)
 
 
-def _load_items(args, split: str):
+def _load_items(args, split: str, preprocessing):
     """2D items of a split from the embedded brain data or a user datalist."""
-    from .preprocessing import SlicePreprocessing
-
     if args.datalist:
         from .data.datalist import datalist_to_slices, load_datalist
 
         datalist_split = {"train": "training", "validation": "validation", "test": "test"}[split]
         items = load_datalist(args.datalist, split=datalist_split)
-        return datalist_to_slices(items, SlicePreprocessing(), num_classes=args.num_classes)
+        return datalist_to_slices(items, preprocessing, num_classes=args.num_classes)
     from .data.brain import load_brain_dataset
 
-    return load_brain_dataset(cache_dir=args.cache_dir)[split]
+    return load_brain_dataset(cache_dir=args.cache_dir, preprocessing=preprocessing)[split]
 
 
 # ---------------------------------------------------------------- train
@@ -69,8 +67,10 @@ def _cmd_train(args) -> int:
     from .preprocessing import SlicePreprocessing
 
     output = Path(args.output)
+    preprocessing = SlicePreprocessing(axis=args.axis, spacing=args.spacing, size=args.size)
     config = TrainingConfig(
         preset=args.preset,
+        network_kwargs=args.network_kwargs,
         head_channels=args.head_channels,
         lambda_out=args.lambda_out,
         batch_size=args.batch_size,
@@ -80,7 +80,8 @@ def _cmd_train(args) -> int:
         seed=args.seed,
         device=args.device,
     )
-    train_items, val_items = _load_items(args, "train"), _load_items(args, "validation")
+    train_items = _load_items(args, "train", preprocessing)
+    val_items = _load_items(args, "validation", preprocessing)
     class_names = ["background", "CSF", "grey matter", "white matter"] if not args.datalist else None
     print(
         f"training {args.preset} + prototype head on {len(train_items)} slices, validating on {len(val_items)}"
@@ -90,7 +91,7 @@ def _cmd_train(args) -> int:
         val_items,
         config,
         output,
-        preprocessing=SlicePreprocessing(),
+        preprocessing=preprocessing,
         class_names=class_names,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -110,7 +111,12 @@ def _cmd_train(args) -> int:
 def _cmd_calibrate(args) -> int:
     from .engines.calibration import calibrate
 
-    calibrator = calibrate(args.checkpoint, _load_items(args, "validation"), device=args.device)
+    from .engines.checkpoint import load_model
+
+    preprocessing = load_model(args.checkpoint, device="cpu").preprocessing
+    calibrator = calibrate(
+        args.checkpoint, _load_items(args, "validation", preprocessing), device=args.device
+    )
     print(f"Weibull shape={calibrator.shape:.4f} scale={calibrator.scale:.4f} stored in {args.checkpoint}")
     return 0
 
@@ -289,6 +295,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="unet",
         help="network preset: unet, basic_unet, dynunet, segresnet, deeplabv3 (default: unet)",
+    )
+    p.add_argument(
+        "--network-kwargs",
+        type=json.loads,
+        default={},
+        help='JSON overrides of the network arguments, e.g. \'{"channels": [8, 16, 32], "strides": [2, 2]}\'',
+    )
+    p.add_argument(
+        "--axis",
+        choices=["axial", "coronal", "sagittal"],
+        default="axial",
+        help="slicing axis (default: axial)",
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=2,
+        default=(2.0, 2.0),
+        metavar=("ROW", "COL"),
+        help="in-plane spacing in mm (default: 2 2)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(112, 96),
+        metavar=("ROWS", "COLS"),
+        help="slice size after centre crop/pad (default: 112 96)",
     )
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
     p.add_argument(

@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from monai_ood.evaluation import dice_per_class, ood_metrics
+
+
+def test_ood_metrics_known_answers_and_sklearn():
+    ind = np.array([0.1, 0.2, 0.3, 0.4])
+    ood = np.array([0.35, 0.5, 0.6, 0.7])
+    m = ood_metrics(ind, ood)
+    assert m["auroc"] == pytest.approx(roc_auc_score([0] * 4 + [1] * 4, np.r_[ind, ood]))
+    assert m["auroc"] == pytest.approx(15 / 16)
+    # catching 95% of 4 OOD images needs all 4, i.e. threshold 0.35: InD 0.4 is flagged -> FPR 1/4
+    assert m["fpr95"] == pytest.approx(0.25)
+    perfect = ood_metrics([0, 1], [2, 3])
+    assert perfect["auroc"] == 1 and perfect["fpr95"] == 0 and perfect["aupr_in"] == 1 and perfect["aupr_out"] == 1
+    with pytest.raises(ValueError, match="NaN"):
+        ood_metrics([0, np.nan], [1])
+
+
+def test_dice_per_class():
+    label = np.array([[0, 1, 1, 2]])
+    pred = np.array([[0, 1, 2, 2]])
+    np.testing.assert_allclose(dice_per_class(pred, label, 4)[:2], [2 / 3, 2 / 3])
+    assert np.isnan(dice_per_class(pred, label, 4)[2])
