@@ -110,7 +110,6 @@ def _cmd_train(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     from .engines.calibration import calibrate
-
     from .engines.checkpoint import load_model
 
     preprocessing = load_model(args.checkpoint, device="cpu").preprocessing
