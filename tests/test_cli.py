@@ -1,0 +1,165 @@
+"""End to end through the command line, as a user runs it: train -> calibrate -> score, tiny sizes."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
+from monai_ood.cli import main
+
+NET = '{"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}'
+
+
+def _phantom(rng, shape=(40, 48, 12)):
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = (x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 1.6) ** 2
+    label = np.zeros(shape, np.uint8)
+    label[r < 1] = 1
+    label[r < 0.5] = 2
+    label[((x - 0.3) ** 2 + y**2) < 0.05] = 3
+    image = np.choose(label, [0.0, 300.0, 600.0, 150.0]) + rng.normal(0, 10, shape)
+    return image.astype(np.float32), label
+
+
+def _oblique_affine(spacing=(2.0, 2.2, 3.0), origin=(-40.0, 12.5, 30.0)):
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xz", [12, 20], degrees=True).as_matrix() @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    entries = {"training": [], "validation": [], "test": []}
+    for split, count in (("training", 2), ("validation", 1), ("test", 1)):
+        for k in range(count):
+            image, label = _phantom(rng)
+            affine = np.diag([2.0, 2.0, 3.0, 1.0])
+            nib.save(nib.Nifti1Image(image, affine), root / f"{split}{k}_img.nii.gz")
+            nib.save(nib.Nifti1Image(label, affine), root / f"{split}{k}_lbl.nii.gz")
+            entries[split].append({"image": f"{split}{k}_img.nii.gz", "label": f"{split}{k}_lbl.nii.gz"})
+    (root / "datalist.json").write_text(json.dumps(entries))
+    oblique_image, _ = _phantom(rng, (36, 30, 10))
+    nib.save(nib.Nifti1Image(oblique_image, _oblique_affine()), root / "oblique.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    argv = ["train", "--datalist", str(dataset / "datalist.json"), "--output", str(run), "--epochs", "2"]
+    argv += ["--batch-size", "4", "--size", "32", "32", "--spacing", "3", "3", "--network-kwargs", NET]
+    argv += ["--head-channels", "8", "--num-workers", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    return run / "model.pt"
+
+
+def test_train_writes_a_calibrated_checkpoint(trained):
+    from monai_ood.engines.checkpoint import load_model
+
+    loaded = load_model(trained, device="cpu")
+    assert loaded.calibrator is not None and loaded.calibrator.shape > 0
+    assert loaded.preprocessing.size == (32, 32)
+
+
+def test_score_writes_maps_on_the_input_geometry(dataset, trained, tmp_path):
+    source = dataset / "oblique.nii.gz"
+    before = source.read_bytes()
+    out = tmp_path / "scores"
+    assert main(["score", str(source), "--checkpoint", str(trained), "--output", str(out), "--quiet"]) == 0
+    assert source.read_bytes() == before  # the input is untouched
+    reference = nib.load(source)
+    reference_itk = sitk.ReadImage(str(source))
+    for name, kind in (
+        ("oblique_seg", "label"),
+        ("oblique_score", "map"),
+        ("oblique_score_calibrated", "map"),
+    ):
+        written = nib.load(out / f"{name}.nii.gz")
+        np.testing.assert_allclose(written.affine, reference.affine, atol=1e-6)
+        assert written.shape == reference.shape
+        assert int(written.header["qform_code"]) == 1 and int(written.header["sform_code"]) == 1
+        np.testing.assert_allclose(written.get_qform(), written.get_sform(), atol=1e-5)
+        if kind == "map":
+            assert written.header.get_intent()[0] == "estimate"
+            data = np.asarray(written.dataobj)
+            assert float(written.header["cal_max"]) == pytest.approx(float(data.max()), rel=1e-5)
+        itk = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        np.testing.assert_allclose(itk.GetSpacing(), reference_itk.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(itk.GetOrigin(), reference_itk.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(itk.GetDirection(), reference_itk.GetDirection(), atol=1e-5)
+    calibrated = np.asarray(nib.load(out / "oblique_score_calibrated.nii.gz").dataobj)
+    assert calibrated.min() >= 0 and calibrated.max() <= 1
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert rows[0]["level"] == "volume" and float(rows[0]["image_score"]) > 0
+    assert sum(row["level"] == "slice" for row in rows) > 1
+    table = json.loads((out / "scores.json").read_text())
+    assert 0 <= table["volumes"][0]["calibrated_degree"] <= 1
+    assert (out / "slicer" / "load_in_slicer.py").exists()
+
+
+def test_score_nrrd_output(dataset, trained, tmp_path):
+    out = tmp_path / "nrrd"
+    assert (
+        main(
+            [
+                "score",
+                str(dataset / "oblique.nii.gz"),
+                "--checkpoint",
+                str(trained),
+                "--output",
+                str(out),
+                "--format",
+                "nrrd",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    itk = sitk.ReadImage(str(out / "oblique_score.nrrd"))
+    reference = sitk.ReadImage(str(dataset / "oblique.nii.gz"))
+    np.testing.assert_allclose(itk.GetDirection(), reference.GetDirection(), atol=1e-5)
+    np.testing.assert_allclose(itk.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+
+
+def test_refusals_are_clear(dataset, trained, tmp_path, capsys):
+    out = tmp_path / "scores"
+    source = str(dataset / "oblique.nii.gz")
+    assert main(["score", source, "--checkpoint", str(trained), "--output", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["score", source, "--checkpoint", str(trained), "--output", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (
+        main(["score", source, "--checkpoint", str(trained), "--output", str(out), "--quiet", "--overwrite"])
+        == 0
+    )
+
+    assert (
+        main(["score", str(tmp_path / "missing.nii.gz"), "--checkpoint", str(trained), "--output", str(out)])
+        == 2
+    )
+    assert "missing.nii.gz" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"this is not an image")
+    assert main(["score", str(garbage), "--checkpoint", str(trained), "--output", str(tmp_path / "g")]) == 2
+    assert "garbage.nii.gz" in capsys.readouterr().err
+    assert (
+        main(["score", source, "--checkpoint", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x")])
+        == 2
+    )
+    assert "nope.pt" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "monai_ood", "score", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "--overwrite" in result.stdout and "DICOM" in result.stdout
