@@ -1,0 +1,545 @@
+"""Reading inputs and writing outputs as files a 3D Slicer user can overlay on the input.
+
+Images are handled as SimpleITK images (ITK's LPS world, like :mod:`monai_ood.preprocessing`). Outputs
+are brought back onto the input's own grid with :func:`monai_ood.preprocessing.resample_to_reference`
+and written here:
+
+* NIfTI (``.nii``, ``.nii.gz``; the default) is written with nibabel. When the input itself is a NIfTI
+  file, its affine is copied verbatim, so the output's geometry is bit-equal to the input's and the
+  two overlay exactly in any viewer; otherwise the affine comes from the image geometry (LPS -> RAS).
+  ``qform = sform`` with code 1 (scanner); maps are float32 with intent ``estimate`` (1001), labels
+  are uint8/int16 with intent ``label`` (1002), and ``cal_min``/``cal_max`` give viewers a window.
+* NRRD (``.nrrd``) is written with SimpleITK, gzip-compressed.
+
+Every write is atomic (a temporary file in the output folder, then :func:`os.replace`), refuses to
+replace an existing file unless asked to, and never writes onto the input it was computed from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "DICOM_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "OUTPUT_SUFFIXES",
+    "affine_from_image",
+    "atomic_write",
+    "find_inputs",
+    "output_stem",
+    "read_image",
+    "same_geometry",
+    "write_image",
+]
+
+# Longest first, so ".nii.gz" wins over ".gz"-less matches when stripping suffixes.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".ima")
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_KINDS = ("map", "label")
+# NIfTI's descrip field is char[80]; 79 bytes keep room for the terminating NUL some readers expect.
+_DESCRIP_BYTES = 79
+# A NIfTI input's affine is copied verbatim only if ITK (hence 3D Slicer) then reads the output on the
+# grid it was computed on; this is the largest corner displacement (mm) put down to float32 rounding.
+_PLACEMENT_TOLERANCE_MM = 1e-3
+
+
+def _suffix(path: Path, suffixes: Sequence[str]) -> str | None:
+    name = path.name.lower()
+    return next((s for s in suffixes if name.endswith(s)), None)
+
+
+def _is_hidden(path: Path) -> bool:
+    # Dot files are temporary outputs of atomic_write, editor backups or macOS metadata, never inputs.
+    return path.name.startswith(".")
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """Silence ITK's warnings on stderr (e.g. "No Series were found" while probing a folder)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _series_ids(folder: Path) -> tuple[str, ...]:
+    with _quiet_itk():
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    try:
+        entries = [p for p in folder.iterdir() if p.is_file() and not _is_hidden(p)]
+    except OSError:
+        return False
+    if any(_suffix(p, DICOM_SUFFIXES) for p in entries):
+        return True
+    if not entries or all(_suffix(p, IMAGE_SUFFIXES) for p in entries):
+        return False  # nothing GDCM could recognise; skip its scan of (possibly large) image files
+    return len(_series_ids(folder)) > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------------
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = _series_ids(folder)
+    if not series_ids:
+        raise ValueError(
+            f"{str(folder)!r} is a folder without a DICOM series; pass an image file (NIfTI, NRRD, "
+            "MetaImage, DICOM) or a folder holding one DICOM series"
+        )
+    files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    chosen = max(series_ids, key=lambda sid: len(files[sid]))
+    if len(series_ids) > 1:
+        counts = ", ".join(f"{sid} ({len(files[sid])} files)" for sid in series_ids)
+        warnings.warn(
+            f"{str(folder)!r} holds {len(series_ids)} DICOM series: {counts}; reading the largest, {chosen}. "
+            "Put each series in its own folder to choose another.",
+            stacklevel=3,
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files[chosen])
+    return reader.Execute()
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The useful part of a SimpleITK error: its ITK messages without source locations and addresses."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\):\s*", "", line) for line in lines]
+    lines = [line for line in lines if not line.startswith("Exception thrown in SimpleITK")]
+    reason = " ".join(lines) or type(error).__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def _squeeze_trailing(image: sitk.Image) -> sitk.Image:
+    """Drop trailing one-voxel dimensions beyond the third (e.g. a NIfTI stored as x, y, z, 1)."""
+    while image.GetDimension() > 3 and image.GetSize()[-1] == 1:
+        size = list(image.GetSize())
+        size[-1] = 0  # Extract collapses a dimension of size 0
+        image = sitk.Extract(
+            image, size, [0] * image.GetDimension(), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX
+        )
+    return image
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read an input image: a NIfTI, NRRD, MetaImage or single DICOM file, or a DICOM series folder.
+
+    Args:
+        path: an image file, or a folder holding a DICOM series. A folder with several series is read
+            as its largest series, with a warning.
+
+    Returns:
+        The image with its geometry (LPS world), as SimpleITK reads it (2D or 3D, any pixel type).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be read (unknown format or corrupt), is not 2D or 3D, has no voxels,
+            or holds NaN or Inf values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input image {str(path)!r} does not exist")
+    try:
+        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise ValueError(
+            f"cannot read {str(path)!r} as an image (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, MetaImage "
+            f".mha/.mhd, DICOM file or series folder): {_itk_reason(error)}"
+        ) from error
+    image = _squeeze_trailing(image)
+    if image.GetDimension() not in (2, 3):
+        raise ValueError(f"{str(path)!r} is a {image.GetDimension()}D image; expected 2D or 3D")
+    if image.GetNumberOfPixels() == 0 or min(image.GetSize()) == 0:
+        raise ValueError(f"{str(path)!r} is an empty image (size {image.GetSize()})")
+    array = sitk.GetArrayViewFromImage(image)
+    if _suffix(path, _NIFTI_SUFFIXES) and path.is_file():
+        # ITK's NIfTI reader zero-fills truncated files and turns NaN and Inf into 0 without a word:
+        # read the stored values with nibabel too (outputs copy the input's affine with it anyway).
+        try:
+            array = np.asanyarray(nib.load(str(path)).dataobj)
+        except Exception as error:
+            reason = " ".join(str(error).split())
+            raise ValueError(f"{str(path)!r} is a damaged or truncated NIfTI file: {reason}") from error
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int(np.size(array) - np.isfinite(array).sum())
+        raise ValueError(f"{str(path)!r} holds {bad} NaN or Inf values; fix or mask them before scoring")
+    return image
+
+
+def find_inputs(path: str | os.PathLike) -> list[Path]:
+    """List the inputs to process: a file, or a folder's image files and DICOM series folders.
+
+    A folder yields its image files (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``),
+    itself if it holds a DICOM series, and its direct subfolders that hold one (one level deep). Hidden
+    (dot) files and folders are skipped.
+
+    Args:
+        path: an image file, a DICOM series folder, or a folder of those.
+
+    Returns:
+        The inputs, sorted by name.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the folder holds no input, or two inputs share an output stem (their outputs would
+            overwrite each other, e.g. ``a.nii`` and ``a.nrrd``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {str(path)!r} does not exist")
+    if path.is_file():
+        return [path]
+    inputs = [path] if _is_dicom_folder(path) else []
+    for entry in sorted(path.iterdir()):
+        if _is_hidden(entry):
+            continue
+        if entry.is_file() and _suffix(entry, IMAGE_SUFFIXES):
+            inputs.append(entry)
+        elif entry.is_dir() and _is_dicom_folder(entry):
+            inputs.append(entry)
+    if not inputs:
+        raise ValueError(
+            f"no images in {str(path)!r}: expected files ending in {', '.join(IMAGE_SUFFIXES)} or DICOM "
+            "series folders (the folder itself or its direct subfolders)"
+        )
+    stems: dict[str, list[Path]] = {}
+    for entry in inputs:
+        stems.setdefault(output_stem(entry), []).append(entry)
+    clashes = {stem: [p.name for p in paths] for stem, paths in stems.items() if len(paths) > 1}
+    if clashes:
+        raise ValueError(f"inputs in {str(path)!r} share output names, rename or move them: {clashes}")
+    return sorted(inputs, key=lambda p: (p != path, p.name))
+
+
+def output_stem(path: str | os.PathLike) -> str:
+    """The name outputs derive from: the file name without its image suffix, or a folder's name.
+
+    Args:
+        path: an input file or DICOM series folder.
+
+    Returns:
+        ``"sub-01_T1w"`` for ``sub-01_T1w.nii.gz``; ``"series7"`` for a folder ``series7/``. Unknown
+        suffixes are kept (``scan.v2`` stays ``scan.v2``) since they may be part of the name.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path.resolve().name  # resolve: Path(".").name is ""
+    suffix = _suffix(path, IMAGE_SUFFIXES + DICOM_SUFFIXES)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+# ----------------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------------
+
+
+def _geometry_3d(image: sitk.Image | sitk.ImageFileReader) -> tuple[np.ndarray, ...]:
+    """Size, spacing, origin, direction of an image (or a reader's header) embedded in 3D.
+
+    A 2D image becomes a one-slice volume with unit slice spacing at z = 0, as ITK writes it.
+    """
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise ValueError(f"expected a 2D or 3D image, got {dim}D")
+    size, spacing, origin = np.ones(3, dtype=int), np.ones(3), np.zeros(3)
+    direction = np.eye(3)
+    size[:dim] = image.GetSize()
+    spacing[:dim] = image.GetSpacing()
+    origin[:dim] = image.GetOrigin()
+    direction[:dim, :dim] = np.array(image.GetDirection()).reshape(dim, dim)
+    return size, spacing, origin, direction
+
+
+def _placement_error(image: sitk.Image, path: Path) -> float:
+    """How far (mm, worst grid corner) ITK places the file ``path`` from ``image``'s grid."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header only
+    ours, theirs = _geometry_3d(image), _geometry_3d(reader)
+    if not np.array_equal(ours[0], theirs[0]):
+        return float("inf")
+    corners = np.array(list(itertools.product(*[(0, s - 1) for s in ours[0]])), dtype=float)
+    placed = [corners * spacing @ direction.T + origin for _, spacing, origin, direction in (ours, theirs)]
+    return float(np.abs(placed[0] - placed[1]).max())
+
+
+def affine_from_image(image: sitk.Image) -> np.ndarray:
+    """The NIfTI (RAS) voxel-to-world affine of a SimpleITK image (LPS).
+
+    A 2D image is embedded as a one-slice volume (unit slice spacing, origin at z = 0), as ITK writes it.
+
+    Args:
+        image: a 2D or 3D image.
+
+    Returns:
+        A 4x4 float64 affine mapping voxel indices ``(i, j, k)`` to RAS millimetres.
+    """
+    _, spacing, origin, direction = _geometry_3d(image)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing  # column j = direction of axis j times its spacing
+    affine[:3, 3] = origin
+    affine[:2] *= -1  # LPS -> RAS: negate x and y of every column and of the origin
+    return affine
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, atol: float = 1e-5) -> bool:
+    """Whether two images share a grid: dimension, size, spacing, origin and direction.
+
+    Args:
+        a: an image.
+        b: another image.
+        atol: absolute tolerance on spacing and origin (mm) and direction cosines.
+
+    Returns:
+        ``True`` if the grids agree within ``atol``.
+    """
+    if a.GetDimension() != b.GetDimension() or a.GetSize() != b.GetSize():
+        return False
+    return all(
+        np.allclose(getter(a), getter(b), rtol=0.0, atol=atol)
+        for getter in (sitk.Image.GetSpacing, sitk.Image.GetOrigin, sitk.Image.GetDirection)
+    )
+
+
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Write a file so that readers see either the old file, or the complete new one, never a part.
+
+    ``write`` is called with a temporary path in the same folder that ends like ``path`` (writers
+    choose the format by extension); the result then replaces ``path`` with :func:`os.replace`, which
+    is atomic within a file system. The temporary file is removed if anything fails. Missing parent
+    folders are created.
+
+    Args:
+        path: the file to write.
+        write: writes the content to the path it is given.
+        overwrite: replace an existing ``path``.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        IsADirectoryError: ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {str(path)!r} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _suffix(path, OUTPUT_SUFFIXES) or path.suffix
+    base = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    # A fresh name rather than mkstemp: the writer creates the file, so it gets the usual umask
+    # permissions (mkstemp's 0600 would survive os.replace).
+    temporary = path.with_name(f".{base}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+    try:
+        write(temporary)
+        if not temporary.exists():
+            raise RuntimeError(f"the writer did not create {str(temporary)!r}")
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())  # on disk before the rename, so a power cut cannot leave it empty
+        if path.exists() and not overwrite:  # written meanwhile by someone else: keep theirs
+            raise FileExistsError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+        os.replace(temporary, path)
+    except BaseException:  # includes KeyboardInterrupt: never leave a partial temporary file behind
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_not_input(path: Path, reference_path: str | os.PathLike | None) -> None:
+    if reference_path is None:
+        return
+    reference = Path(reference_path)
+    same = path.resolve() == reference.resolve()
+    if not same and path.exists() and reference.exists():
+        same = os.path.samefile(path, reference)  # hard links and other aliases of the same file
+    if same:
+        raise ValueError(
+            f"refusing to write {str(path)!r}: it is the input {str(reference)!r}, which is never "
+            "overwritten (not even with --overwrite); choose another output name or folder"
+        )
+
+
+def _output_array(image: sitk.Image, kind: str) -> np.ndarray:
+    """The voxels as written: float32 maps; uint8 (or int16 if needed) labels; ``(z, y, x)`` order."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(
+            f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
+        )
+    if image.GetNumberOfPixels() == 0:
+        raise ValueError(f"cannot write an empty image (size {image.GetSize()})")
+    array = sitk.GetArrayFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ValueError(f"cannot write a {kind} with NaN or Inf values")
+    if kind == "map":
+        return array.astype(np.float32, copy=False)
+    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+        raise ValueError("a label image must hold whole numbers; got fractional values")
+    low, high = array.min(), array.max()
+    for dtype in (np.uint8, np.int16):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return array.astype(dtype)
+    raise ValueError(f"labels must lie in [-32768, 32767] to be written as int16, got [{low}, {high}]")
+
+
+def _clean_description(description: str | None) -> str:
+    if description is None:
+        return ""
+    # One line of ASCII: NIfTI's descrip and NRRD's content field are single-line text.
+    return " ".join(str(description).split()).encode("ascii", "replace").decode("ascii")
+
+
+def _nifti_image(data: np.ndarray, affine: np.ndarray, kind: str, description: str, units) -> nib.Nifti1Image:
+    out = nib.Nifti1Image(data, affine)
+    header = out.header
+    out.set_qform(affine, code=1)  # qform = sform, both "scanner": every reader finds the same grid
+    out.set_sform(affine, code=1)
+    header.set_data_dtype(data.dtype)
+    header.set_xyzt_units(*units)
+    if kind == "map":
+        header.set_intent("estimate")
+        header["cal_min"], header["cal_max"] = float(data.min()), float(data.max())
+    else:
+        header.set_intent("label")
+        header["cal_min"], header["cal_max"] = float(min(0, data.min())), float(data.max())
+    header["descrip"] = description.encode("ascii")[:_DESCRIP_BYTES]
+    return out
+
+
+def _nifti_writer(
+    array: np.ndarray, image: sitk.Image, kind: str, reference: Path | None, description: str
+) -> Callable[[Path], None]:
+    data = array.T  # SimpleITK arrays are (z, y, x); NIfTI data is (x, y, z)
+    own = affine_from_image(image)
+    verbatim, units = None, ("mm", "sec")
+    if reference is not None and _suffix(reference, _NIFTI_SUFFIXES) and reference.is_file():
+        input_nifti = nib.load(str(reference))
+        if _squeezed(input_nifti.shape) != _squeezed(data.shape):
+            raise ValueError(
+                f"the output's grid {_squeezed(data.shape)} (x, y, z) does not match the input "
+                f"{str(reference)!r} {_squeezed(input_nifti.shape)}; bring it onto the input's grid "
+                "first (monai_ood.preprocessing.resample_to_reference)"
+            )
+        data = data.reshape(input_nifti.shape)  # the input's layout: (x, y) stays 2D, (x, y, 1) 3D
+        verbatim = np.array(input_nifti.affine, dtype=np.float64)
+        spatial, temporal = input_nifti.header.get_xyzt_units()
+        units = (spatial if spatial != "unknown" else "mm", temporal if temporal != "unknown" else "sec")
+
+    def write(temporary: Path) -> None:
+        if verbatim is not None:
+            nib.save(_nifti_image(data, verbatim, kind, description, units), str(temporary))
+            # The input's affine is only right if ITK (so 3D Slicer) reads it back on the grid the
+            # output was computed on. It does not when the input had no qform/sform codes, or a sheared
+            # sform ITK replaced by its qform: then the image's own geometry is where Slicer shows
+            # the input.
+            error = _placement_error(image, temporary)
+            if error <= _PLACEMENT_TOLERANCE_MM:
+                return
+            warnings.warn(
+                f"ITK reads the affine of {str(reference)!r} {error:.3g} mm away from the grid the "
+                "output was computed on (no or inconsistent qform/sform?); writing the image's own "
+                "geometry, which is where 3D Slicer shows the input",
+                stacklevel=4,
+            )
+        nib.save(_nifti_image(data, own, kind, description, ("mm", "sec")), str(temporary))
+
+    return write
+
+
+def write_image(
+    image: sitk.Image,
+    path: str | os.PathLike,
+    reference_path: str | os.PathLike | None = None,
+    kind: str = "map",
+    overwrite: bool = False,
+    description: str | None = None,
+) -> Path:
+    """Write an output (a score map or a segmentation) atomically as NIfTI or NRRD.
+
+    Args:
+        image: a 2D or 3D scalar image, normally on the input's grid
+            (:func:`monai_ood.preprocessing.resample_to_reference`).
+        path: the output file, ending in ``.nii.gz``, ``.nii`` or ``.nrrd``; without a suffix,
+            ``.nii.gz`` is appended.
+        reference_path: the input the output was computed from. It is never written onto. If it is a
+            NIfTI file its affine is copied verbatim into a NIfTI output (bit-equal geometry) after
+            checking the grid shapes match, unless ITK places the input elsewhere than that affine
+            (then, with a warning, the image's own geometry is written, which is where Slicer shows
+            the input).
+        kind: ``"map"`` (float32, NIfTI intent ``estimate``, ``cal_min/cal_max`` = data range) or
+            ``"label"`` (uint8, or int16 if the labels need it; NIfTI intent ``label``,
+            ``cal_min`` = 0, ``cal_max`` = the largest label).
+        overwrite: replace an existing output.
+        description: a one-line note stored in NIfTI ``descrip`` (ASCII, cut to 79 bytes) or NRRD
+            ``content``.
+
+    Returns:
+        The written path.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        ValueError: ``path`` is the input (``reference_path``), has an unsupported suffix, ``kind`` is
+            unknown, the image has NaN/Inf values or several components, labels are fractional or out
+            of the int16 range, or the grid does not match a NIfTI input's.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be 'map' or 'label', got {kind!r}")
+    path = Path(path)
+    suffix = _suffix(path, OUTPUT_SUFFIXES)
+    if suffix is None:
+        if path.suffix:
+            raise ValueError(f"output must end in .nii.gz, .nii or .nrrd, got {str(path)!r}")
+        path, suffix = path.with_name(path.name + ".nii.gz"), ".nii.gz"
+    _check_not_input(path, reference_path)
+    if path.exists() and not overwrite:  # fail before the (possibly slow) conversion
+        raise FileExistsError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+    if image.GetDimension() not in (2, 3):
+        raise ValueError(f"expected a 2D or 3D image, got {image.GetDimension()}D")
+    array = _output_array(image, kind)
+    description = _clean_description(description)
+    reference = Path(reference_path) if reference_path is not None else None
+
+    if suffix in _NIFTI_SUFFIXES:
+        write = _nifti_writer(array, image, kind, reference, description)
+    else:
+        out = sitk.GetImageFromArray(array)  # a fresh image: no metadata inherited from the input
+        out.CopyInformation(image)
+        if description:
+            out.SetMetaData("NRRD_content", description)
+
+        def write(temporary: Path) -> None:
+            sitk.WriteImage(out, str(temporary), useCompression=True)
+
+    return atomic_write(path, write, overwrite=overwrite)
