@@ -42,7 +42,10 @@ def _write_input(image: sitk.Image, path: Path) -> Path:
 
 def _crop_world_z(image: sitk.Image, z_low: float, z_high: float) -> sitk.Image:
     """Crop an axis-aligned volume to the slab of world (LPS) z in [z_low, z_high]."""
-    indices = [image.TransformPhysicalPointToIndex((image.GetOrigin()[0], image.GetOrigin()[1], z))[2] for z in (z_low, z_high)]
+    indices = [
+        image.TransformPhysicalPointToIndex((image.GetOrigin()[0], image.GetOrigin()[1], z))[2]
+        for z in (z_low, z_high)
+    ]
     low, high = max(min(indices), 0), min(max(indices), image.GetSize()[2] - 1)
     return image[:, :, low : high + 1]
 
@@ -52,12 +55,11 @@ def _example_inputs(inputs_dir: Path, cache_dir, seed: int) -> dict[str, Path]:
 
     from .data.brain import load_brain_dataset, load_mni152_t1
     from .data.ood_sources import ood_source_images
-    from .inference import _slice_positions
-    from .preprocessing import SlicePreprocessing, slicing_grid
+    from .preprocessing import SlicePreprocessing, slice_positions, slicing_grid
 
     t1 = load_mni152_t1()
     test = load_brain_dataset(cache_dir=cache_dir)["test"]
-    positions = _slice_positions(slicing_grid(t1, SlicePreprocessing()))
+    positions = slice_positions(slicing_grid(t1, SlicePreprocessing()))
     test_z = np.sort([positions[item["slice"]] for item in test])
     # the test slab nearest the middle of the brain (consecutive test slices, ~10 mm)
     gaps = np.flatnonzero(np.diff(test_z) > 1.5)
@@ -69,25 +71,35 @@ def _example_inputs(inputs_dir: Path, cache_dir, seed: int) -> dict[str, Path]:
     sources = ood_source_images()
     if "ct_head" in sources:
         paths["C1 CT head (DICOM)"] = _write_input(sources["ct_head"], inputs_dir / "c1_ct_head.nii.gz")
-    # C2: sagittal planes stored as axial ones, as a wrongly exported header would present them
-    array = sitk.GetArrayFromImage(t1)  # (z: I->S, y, x: L/R)
-    centre = array.shape[2] // 2
-    sagittal = np.ascontiguousarray(array[:, :, centre - 6 : centre + 6].transpose(2, 0, 1)[:, ::-1])
-    c2 = sitk.GetImageFromArray(sagittal)
-    c2.SetSpacing(t1.GetSpacing())
-    paths["C2 sagittal stored as axial"] = _write_input(c2, inputs_dir / "c2_sagittal_as_axial.nii.gz")
+    # C2: the same T1 with a header rotated so that a tool slicing "axially" sees sagittal planes,
+    # as a wrongly exported orientation would present them
+    if "sagittal_as_axial" in sources:
+        paths["C2 sagittal stored as axial"] = _write_input(
+            sources["sagittal_as_axial"], inputs_dir / "c2_sagittal_as_axial.nii.gz"
+        )
     if "t2_2009c" in sources:
         t2 = sources["t2_2009c"]
-        paths["C3 T2 contrast (2009c)"] = _write_input(_crop_world_z(t2, slab.min(), slab.max()), inputs_dir / "c3_t2_2009c_slab.nii.gz")
+        paths["C3 T2 contrast (2009c)"] = _write_input(
+            _crop_world_z(t2, slab.min(), slab.max()), inputs_dir / "c3_t2_2009c_slab.nii.gz"
+        )
     if "colin27" in sources:
         colin = sources["colin27"]
-        paths["C3 Colin27 (another scanner)"] = _write_input(_crop_world_z(colin, slab.min(), slab.max()), inputs_dir / "c3_colin27_slab.nii.gz")
-    motion = tio.Motion(degrees=[[0, 0, 6.0]] * 2, translation=[[0, 0, 0], [4.0, 0, 0]], times=[0.4, 0.6], image_interpolation="linear")
+        paths["C3 Colin27 (another scanner)"] = _write_input(
+            _crop_world_z(colin, slab.min(), slab.max()), inputs_dir / "c3_colin27_slab.nii.gz"
+        )
+    motion = tio.Motion(
+        degrees=[[0, 0, 6.0]] * 2,
+        translation=[[0, 0, 0], [4.0, 0, 0]],
+        times=[0.4, 0.6],
+        image_interpolation="linear",
+    )
     subject = tio.ScalarImage(tensor=sitk.GetArrayFromImage(ind).transpose(2, 1, 0)[None].astype(np.float32))
     moved = motion(subject).data[0].numpy().transpose(2, 1, 0)
     motion_image = sitk.GetImageFromArray(np.ascontiguousarray(moved))
     motion_image.CopyInformation(ind)
-    paths["C3 InD slab + motion artefact"] = _write_input(motion_image, inputs_dir / "c3_t1_motion_slab.nii.gz")
+    paths["C3 InD slab + motion artefact"] = _write_input(
+        motion_image, inputs_dir / "c3_t1_motion_slab.nii.gz"
+    )
     return paths
 
 
@@ -102,10 +114,27 @@ def _montage(paths: dict[str, Path], scores_dir: Path, output: Path, table: dict
         slices, _, grid = volume_to_slices(image, SlicePreprocessing())
         k = int(np.argmax(slices.reshape(len(slices), -1).mean(1)))  # the slice with most signal
         stem = path.name.replace(".nii.gz", "")
-        seg = sitk.GetArrayFromImage(to_grid(read_image(scores_dir / f"{stem}_seg.nii.gz"), grid, sitk.sitkNearestNeighbor))[k]
-        a_xi = sitk.GetArrayFromImage(to_grid(read_image(scores_dir / f"{stem}_score_calibrated.nii.gz"), grid))[k]
-        rows.append({"name": name, "image": slices[k, 0], "segmentation": seg.astype(np.int64), "a_xi": a_xi, "score": table.get(path.name)})
-    save_montage(rows, output, title="monai-ood: image | segmentation | A_xi (Weibull-calibrated OOD map)", overwrite=True)
+        seg = sitk.GetArrayFromImage(
+            to_grid(read_image(scores_dir / f"{stem}_seg.nii.gz"), grid, sitk.sitkNearestNeighbor)
+        )[k]
+        a_xi = sitk.GetArrayFromImage(
+            to_grid(read_image(scores_dir / f"{stem}_score_calibrated.nii.gz"), grid)
+        )[k]
+        rows.append(
+            {
+                "name": name,
+                "image": slices[k, 0],
+                "segmentation": seg.astype(np.int64),
+                "a_xi": a_xi,
+                "score": table.get(path.name),
+            }
+        )
+    save_montage(
+        rows,
+        output,
+        title="monai-ood: image | segmentation | A_xi (Weibull-calibrated OOD map)",
+        overwrite=True,
+    )
 
 
 def main(argv=None) -> int:
@@ -114,7 +143,11 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
     parser.add_argument("--head-channels", type=int, default=64, help="c_g of the head (default: 64)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=None, help="embedded data cache (default: $MONAI_OOD_CACHE or ~/.cache/monai-ood)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="embedded data cache (default: $MONAI_OOD_CACHE or ~/.cache/monai-ood)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
     args = parser.parse_args(argv)
     output = Path(args.output)
@@ -124,7 +157,21 @@ def main(argv=None) -> int:
     start = time.perf_counter()
 
     print("== 1/5 train + calibrate on the embedded MNI152 axial slices")
-    code = cli(["train", "--output", str(run_dir), "--epochs", str(args.epochs), "--head-channels", str(args.head_channels), "--seed", str(args.seed), *cache, *overwrite])
+    code = cli(
+        [
+            "train",
+            "--output",
+            str(run_dir),
+            "--epochs",
+            str(args.epochs),
+            "--head-channels",
+            str(args.head_channels),
+            "--seed",
+            str(args.seed),
+            *cache,
+            *overwrite,
+        ]
+    )
     if code:
         return code
     model = run_dir / "model.pt"
@@ -135,17 +182,42 @@ def main(argv=None) -> int:
     for name, path in paths.items():
         print(f"   {name:<34} {path}")
     print("== 3/5 monai-ood score")
-    code = cli(["score", *map(str, paths.values()), "--checkpoint", str(model), "--output", str(scores_dir), *overwrite])
+    code = cli(
+        [
+            "score",
+            *map(str, paths.values()),
+            "--checkpoint",
+            str(model),
+            "--output",
+            str(scores_dir),
+            *overwrite,
+        ]
+    )
     if code:
         return code
     print("== 4/5 monai-ood evaluate (benchmark slices: InD test vs every OOD set)")
-    code = cli(["evaluate", "--checkpoint", str(model), "--output", str(output / "evaluation"), "--seed", str(args.seed), *cache, *overwrite])
+    code = cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(model),
+            "--output",
+            str(output / "evaluation"),
+            "--seed",
+            str(args.seed),
+            *cache,
+            *overwrite,
+        ]
+    )
     if code:
         return code
     print("== 5/5 overlay montage")
     import json
 
-    table = {Path(row["input"]).name: row["image_score"] for row in json.loads((scores_dir / "scores.json").read_text())["volumes"]}
+    table = {
+        Path(row["input"]).name: row["image_score"]
+        for row in json.loads((scores_dir / "scores.json").read_text())["volumes"]
+    }
     montage = output / "montage.png"
     _montage(paths, scores_dir, montage, table)
     minutes = (time.perf_counter() - start) / 60
@@ -156,7 +228,9 @@ def main(argv=None) -> int:
     print(f"  score table         : {scores_dir / 'scores.csv'} (and scores.json)")
     print(f"  evaluation          : {output / 'evaluation' / 'evaluation.json'}")
     print(f"  montage             : {montage}")
-    print(f"  3D Slicer           : Slicer --python-script {scores_dir / 'slicer' / 'load_in_slicer.py'} -- --image <input> --map <..._score_calibrated.nii.gz> --seg <..._seg.nii.gz>")
+    print(
+        f"  3D Slicer           : Slicer --python-script {scores_dir / 'slicer' / 'load_in_slicer.py'} -- --image <input> --map <..._score_calibrated.nii.gz> --seg <..._seg.nii.gz>"
+    )
     return 0
 
 

@@ -32,6 +32,7 @@ from .preprocessing import (
     array_on_grid,
     normalize_intensity,
     resample_to_reference,
+    slice_positions,
     to_grid,
     volume_grid,
     volume_to_slices,
@@ -92,20 +93,13 @@ def score_slices(
     }
 
 
-def _slice_positions(grid: sitk.Image) -> np.ndarray:
-    """World position (mm, along the slicing normal) of each grid slice."""
-    normal = np.array(grid.GetDirection()).reshape(3, 3)[:, 2]
-    origin = np.array(grid.GetOrigin())
-    return np.array([float(normal @ origin) + k * grid.GetSpacing()[2] for k in range(grid.GetSize()[2])])
-
-
 def _score_2d(net, image, preprocessing: SlicePreprocessing, calibrator, batch_size) -> ScoredImage:
     slices, _, grid = volume_to_slices(image, preprocessing)
     out = score_slices(net, slices, calibrator, batch_size)
     has_signal = slices.reshape(len(slices), -1).max(1) > 0
     if not has_signal.any():
         raise ValueError("the image has no contrast anywhere (constant intensities): nothing to score")
-    positions = _slice_positions(grid)
+    positions = slice_positions(grid)
     rows = []
     for k in range(len(slices)):
         rows.append(
@@ -154,7 +148,7 @@ def _score_3d(net, image, preprocessing: VolumePreprocessing, calibrator, batch_
     segmentation = stitched[:num_classes].argmax(0).to(torch.uint8).cpu().numpy()
     score_map = stitched[num_classes].cpu().numpy().astype(np.float32)
     calibrated = None if calibrator is None else calibrator.transform(score_map).astype(np.float32)
-    positions = _slice_positions(grid)
+    positions = slice_positions(grid)
     rows = [
         {
             "slice": k,

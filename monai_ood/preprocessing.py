@@ -33,6 +33,8 @@ __all__ = [
     "as_volume",
     "normalize_intensity",
     "resample_to_reference",
+    "display_direction",
+    "slice_positions",
     "slicing_grid",
     "volume_grid",
     "preprocessing_from_dict",
@@ -179,6 +181,21 @@ def _grid(
     reference.SetDirection([float(v) for v in direction.flatten()])
     reference.SetOrigin([float(v) for v in direction @ origin_in_grid_axes])
     return reference
+
+
+def display_direction(axis: str) -> np.ndarray:
+    """The 3x3 LPS direction (columns: grid x = columns, y = rows, z = slices) of an axis's display frame."""
+    return _DIRECTIONS[look_up_option(axis, SLICE_AXES)].copy()
+
+
+def slice_positions(grid: sitk.Image) -> np.ndarray:
+    """World position (mm) of each slice of a slicing grid along its slicing direction, ``(S,)``.
+
+    The LPS coordinate of each slice projected on the grid's slice direction: for axial slices, the
+    superior (MNI z) coordinate, increasing with the slice index.
+    """
+    normal = np.array(grid.GetDirection()).reshape(3, 3)[:, 2]
+    return float(np.array(grid.GetOrigin()) @ normal) + np.arange(grid.GetSize()[2]) * grid.GetSpacing()[2]
 
 
 def slicing_grid(image: sitk.Image, preprocessing: SlicePreprocessing) -> sitk.Image:

@@ -14,7 +14,12 @@ def test_ood_metrics_known_answers_and_sklearn():
     # catching 95% of 4 OOD images needs all 4, i.e. threshold 0.35: InD 0.4 is flagged -> FPR 1/4
     assert m["fpr95"] == pytest.approx(0.25)
     perfect = ood_metrics([0, 1], [2, 3])
-    assert perfect["auroc"] == 1 and perfect["fpr95"] == 0 and perfect["aupr_in"] == 1 and perfect["aupr_out"] == 1
+    assert (
+        perfect["auroc"] == 1
+        and perfect["fpr95"] == 0
+        and perfect["aupr_in"] == 1
+        and perfect["aupr_out"] == 1
+    )
     with pytest.raises(ValueError, match="NaN"):
         ood_metrics([0, np.nan], [1])
 

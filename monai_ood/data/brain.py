@@ -48,8 +48,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from monai_ood.data.datalist import slice_positions
-from monai_ood.preprocessing import SlicePreprocessing, volume_to_slices
+from monai_ood.preprocessing import SlicePreprocessing, slice_positions, volume_to_slices
 
 __all__ = [
     "AUGMENT_ROTATE_DEGREES",

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from monai_ood.preprocessing import SlicePreprocessing, volume_to_slices
+from monai_ood.preprocessing import SlicePreprocessing, slice_positions, volume_to_slices
 
 __all__ = [
     "check_label_values",
@@ -37,7 +37,6 @@ __all__ = [
     "datalist_to_slices",
     "load_datalist",
     "read_volume",
-    "slice_positions",
 ]
 
 
@@ -198,23 +197,6 @@ def _check_finite(image: sitk.Image, path: str) -> None:
             and not np.isfinite(np.asanyarray(stored.dataobj)).all()
         ):
             raise ValueError(f"image {path!r} contains NaN or Inf values (SimpleITK would read them as 0)")
-
-
-def slice_positions(grid: sitk.Image) -> np.ndarray:
-    """World position (mm) of each slice of a slicing grid along its slicing axis.
-
-    The position is the LPS coordinate of the slice's centre projected on the grid's slice direction:
-    for axial slices, the superior (MNI z) coordinate.
-
-    Args:
-        grid: a reference grid from :func:`monai_ood.preprocessing.slicing_grid`.
-
-    Returns:
-        ``(S,)`` float array, increasing with the slice index.
-    """
-    direction = np.array(grid.GetDirection()).reshape(3, 3)[:, 2]
-    origin = np.array(grid.GetOrigin())
-    return float(origin @ direction) + np.arange(grid.GetSize()[2]) * grid.GetSpacing()[2]
 
 
 def datalist_to_slices(

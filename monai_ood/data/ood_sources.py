@@ -574,12 +574,12 @@ def reoriented_as_axial(image: sitk.Image, axis: str) -> sitk.Image:
     Returns:
         A new image sharing the pixel data's values with a new direction and origin.
     """
-    from monai_ood.preprocessing import _DIRECTIONS  # the display frames; private, read-only use
+    from monai_ood.preprocessing import display_direction
 
     if axis not in SLICE_AXES:
         raise ValueError(f"axis must be one of {SLICE_AXES}, got {axis!r}")
     # World map taking the ``axis`` display frame onto the axial one (the identity frame).
-    rotation = _DIRECTIONS["axial"] @ _DIRECTIONS[axis].T
+    rotation = display_direction("axial") @ display_direction(axis).T
     out = sitk.Image(image)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     out.SetDirection((rotation @ direction).flatten().tolist())

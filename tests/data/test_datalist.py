@@ -14,9 +14,8 @@ from monai_ood.data.datalist import (
     check_same_extent,
     datalist_to_slices,
     load_datalist,
-    slice_positions,
 )
-from monai_ood.preprocessing import SlicePreprocessing, slicing_grid
+from monai_ood.preprocessing import SlicePreprocessing, slice_positions, slicing_grid
 
 PREP = SlicePreprocessing(spacing=(2.0, 2.0), size=(32, 32))
 SHAPE = (40, 44, 24)  # voxels (i, j, k)

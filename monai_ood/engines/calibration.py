@@ -1,0 +1,84 @@
+"""Weibull calibration of a trained model's score maps on validation data (Cho et al. 2023, Eq. 9).
+
+:func:`calibrate` runs the encoder-only OOD pass of a saved model on the validation images, fits a
+:class:`~monai_ood.calibration.WeibullCalibrator` to every value of the feature-resolution score maps
+``A(x) = min_k D_M`` (the maps the paper calibrates, before any upsampling, so each feature pixel counts
+once) and stores it in the checkpoint, where ``monai-ood score`` finds it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..calibration import WeibullCalibrator
+from .checkpoint import load_model, resolve_device, set_calibration
+from .training import check_items
+
+__all__ = ["calibrate", "score_map_batches"]
+
+
+def _batches(items: Sequence[Mapping[str, Any]], batch_size: int) -> Iterator[np.ndarray]:
+    """Stacks of up to ``batch_size`` consecutive images of one shape (3D volumes may differ in size)."""
+    batch: list[np.ndarray] = []
+    for item in items:
+        image = np.asarray(item["image"], dtype=np.float32)
+        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+            yield np.stack(batch)
+            batch = []
+        batch.append(image)
+    if batch:
+        yield np.stack(batch)
+
+
+def score_map_batches(
+    net: torch.nn.Module, items: Sequence[Mapping[str, Any]], batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Feature-resolution score maps ``A(x)`` ``(B, 1, *feature_spatial)`` of the items, batch by batch, on the CPU."""
+    net.eval()
+    with torch.inference_mode():
+        for images in _batches(items, batch_size):
+            yield net.ood(torch.from_numpy(images).to(device)).score_map.float().cpu()
+
+
+def calibrate(
+    checkpoint_path: str | os.PathLike,
+    val_items: Sequence[Mapping[str, Any]],
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+) -> WeibullCalibrator:
+    """Fit the Weibull calibration of a model on validation images and store it in its checkpoint.
+
+    Args:
+        checkpoint_path: a ``model.pt`` written by :func:`~monai_ood.engines.checkpoint.save_model`;
+            rewritten (atomically) with the calibration added.
+        val_items: ``[{"image": (C, H, W[, D]), ...}, ...]`` prepared like the training items; labels
+            are not needed (``A(x)`` uses none).
+        batch_size: images per encoder pass.
+        device: ``None`` = ``cuda`` if available, else ``cpu``.
+
+    Returns:
+        The fitted :class:`~monai_ood.calibration.WeibullCalibrator` (also in ``load_model(...).calibrator``).
+
+    Raises:
+        FileNotFoundError, ValueError: for a missing or invalid checkpoint, invalid items (NaN/Inf,
+            wrong shape, channels that do not match the model), or score maps the Weibull fit rejects.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    summary = check_items(val_items, "val_items", need_label=False)
+    device = resolve_device(device)
+    loaded = load_model(checkpoint_path, device=device)
+    config = loaded.model_config
+    if (summary.in_channels, summary.spatial_dims) != (config["in_channels"], config["spatial_dims"]):
+        raise ValueError(
+            f"val_items are {summary.spatial_dims}D with {summary.in_channels} channel(s), the model in "
+            f"{str(checkpoint_path)!r} takes {config['spatial_dims']}D with {config['in_channels']}"
+        )
+    calibrator = WeibullCalibrator().fit(score_map_batches(loaded.net, val_items, batch_size, device))
+    set_calibration(checkpoint_path, calibrator)
+    return calibrator

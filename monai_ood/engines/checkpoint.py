@@ -1,0 +1,537 @@
+"""Model checkpoints (``model.pt``) and resumable training states (``last.pt``).
+
+Both files are dicts of plain Python types and tensors only, so they load with
+``torch.load(path, weights_only=True)``: no pickled classes, nothing executed on load. Everything that
+is not a tensor or a plain type is converted on the way in (numpy RNG states become int64 tensors) and
+rebuilt on the way out.
+
+``model.pt``, read by ``monai-ood score`` (format ``"monai-ood-model"``, version 1)::
+
+    {
+        "format": "monai-ood-model", "version": 1,
+        "state_dict": net.state_dict(),              # on the CPU
+        "model_config": {"preset", "spatial_dims", "in_channels", "out_channels", "head_channels",
+                         "network_kwargs", "wrapper_kwargs"},
+        "preprocessing": SlicePreprocessing/VolumePreprocessing.to_dict(),
+        "calibration": WeibullCalibrator.to_dict() or None,
+        "class_names": list[str] or None,
+        "metrics": dict,                              # e.g. the validation Dice the model was selected by
+        "monai_ood_version": str,
+    }
+
+``model_config`` keeps sequences as lists (the same dict can be written as JSON); :func:`build_network`
+turns lists back into tuples, the form MONAI's layer specs such as ``norm=("instance", {...})`` expect.
+
+``last.pt`` (format ``"monai-ood-training-state"``) holds whatever :mod:`monai_ood.engines.training`
+needs to continue a run, including the RNG states from :func:`capture_rng_state`.
+
+Every write goes to a temporary file in the destination folder and is moved into place with
+:func:`os.replace`, so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from monai.transforms import Randomizable, Transform
+from torch import nn
+
+from .. import __version__
+from ..calibration import WeibullCalibrator
+from ..networks.presets import create_prototype_network
+from ..preprocessing import SlicePreprocessing, VolumePreprocessing, preprocessing_from_dict
+
+__all__ = [
+    "MODEL_FORMAT",
+    "atomic_write",
+    "TRAINING_STATE_FORMAT",
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "build_network",
+    "capture_rng_state",
+    "cpu_state_dict",
+    "load_model",
+    "load_training_state",
+    "make_model_config",
+    "resolve_device",
+    "restore_rng_state",
+    "save_model",
+    "save_training_state",
+    "set_calibration",
+]
+
+MODEL_FORMAT = "monai-ood-model"
+TRAINING_STATE_FORMAT = "monai-ood-training-state"
+FORMAT_VERSION = 1
+
+_MODEL_CONFIG_KEYS = (
+    "preset",
+    "spatial_dims",
+    "in_channels",
+    "out_channels",
+    "head_channels",
+    "network_kwargs",
+    "wrapper_kwargs",
+)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``cuda`` when available and ``device`` is ``None`` or ``"auto"``, else ``cpu``.
+
+    Raises:
+        ValueError: for a CUDA device on a machine without CUDA, or an unknown device string.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:<index>' or None, got {device!r}") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return resolved
+
+
+# ---------------------------------------------------------------- model configuration
+
+
+def _lists(value: Any) -> Any:
+    """Tuples to lists, recursively: the JSON-compatible form stored in ``model_config``."""
+    if isinstance(value, Mapping):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    """Lists back to tuples, recursively, for the network constructors (MONAI's specs are tuples)."""
+    if isinstance(value, Mapping):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def make_model_config(
+    preset: str,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    head_channels: int,
+    network_kwargs: Mapping[str, Any] | None = None,
+    wrapper_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``model_config`` dict stored in checkpoints: the arguments of :func:`create_prototype_network`.
+
+    Sequences are stored as lists (JSON-compatible); :func:`build_network` rebuilds tuples.
+    """
+    return {
+        "preset": str(preset),
+        "spatial_dims": int(spatial_dims),
+        "in_channels": int(in_channels),
+        "out_channels": int(out_channels),
+        "head_channels": int(head_channels),
+        "network_kwargs": _lists(dict(network_kwargs or {})),
+        "wrapper_kwargs": _lists(dict(wrapper_kwargs or {})),
+    }
+
+
+def _check_model_config(config: Any, source: str) -> dict[str, Any]:
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{source}: model_config must be a dict, got {type(config).__name__}")
+    missing = [k for k in _MODEL_CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{source}: model_config is missing {missing}; it has {sorted(config)}")
+    for key in ("spatial_dims", "in_channels", "out_channels", "head_channels"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: model_config[{key!r}] must be a positive int, got {value!r}")
+    for key in ("network_kwargs", "wrapper_kwargs"):
+        if not isinstance(config[key], Mapping):
+            raise ValueError(f"{source}: model_config[{key!r}] must be a dict, got {config[key]!r}")
+    return dict(config)
+
+
+def build_network(model_config: Mapping[str, Any]) -> nn.Module:
+    """Build the (untrained) :class:`~monai_ood.networks.PrototypeOODNet` described by ``model_config``."""
+    config = _check_model_config(model_config, "build_network")
+    return create_prototype_network(
+        config["preset"],
+        spatial_dims=config["spatial_dims"],
+        in_channels=config["in_channels"],
+        out_channels=config["out_channels"],
+        head_channels=config["head_channels"],
+        network_kwargs=_tuples(config["network_kwargs"]),
+        **_tuples(config["wrapper_kwargs"]),
+    )
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place with ``os.replace``.
+
+    Readers never see a half-written file, and a failed write leaves the previous file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _load_dict(path: str | os.PathLike, expected_format: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True`` and check its format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    # A damaged or foreign file fails in many ways (UnpicklingError, KeyError, EOFError, RuntimeError...).
+    except Exception as err:
+        raise ValueError(
+            f"{str(path)!r} is not a monai-ood checkpoint (torch.load with weights_only=True failed: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from err
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != expected_format:
+        hint = ""
+        if found == TRAINING_STATE_FORMAT:
+            hint = " (this is a resumable training state, last.pt: pass the run's model.pt instead)"
+        elif found == MODEL_FORMAT:
+            hint = " (this is a model checkpoint, model.pt, not a training state)"
+        elif found is None:
+            hint = " (e.g. a plain state dict or another program's checkpoint)"
+        raise ValueError(f"{str(path)!r} is not a {expected_format!r} checkpoint: format is {found!r}{hint}")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has {expected_format} version {version!r}; this monai-ood ({__version__}) "
+            f"reads versions 1..{FORMAT_VERSION}"
+        )
+    return data
+
+
+# ---------------------------------------------------------------- model.pt
+
+
+@dataclass
+class LoadedModel:
+    """A model read by :func:`load_model`.
+
+    Attributes:
+        net: the :class:`~monai_ood.networks.PrototypeOODNet`, in eval mode, on the requested device.
+        model_config: the arguments it was built from (see :func:`make_model_config`).
+        preprocessing: how its inputs are made (:class:`~monai_ood.preprocessing.SlicePreprocessing` or
+            :class:`~monai_ood.preprocessing.VolumePreprocessing`).
+        calibrator: the fitted :class:`~monai_ood.calibration.WeibullCalibrator`, or ``None``.
+        class_names: names of the output classes, or ``None``.
+        metrics: what was recorded with the model (e.g. its validation Dice and epoch).
+        path: the file it was read from.
+    """
+
+    net: nn.Module
+    model_config: dict[str, Any]
+    preprocessing: SlicePreprocessing | VolumePreprocessing
+    calibrator: WeibullCalibrator | None
+    class_names: list[str] | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def cpu_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """``net.state_dict()`` on the CPU, so a saved file does not depend on the device it was trained on."""
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def save_model(
+    path: str | os.PathLike,
+    net: nn.Module,
+    model_config: Mapping[str, Any],
+    preprocessing: SlicePreprocessing | VolumePreprocessing | Mapping[str, Any],
+    calibration: WeibullCalibrator | None = None,
+    class_names: list[str] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a model checkpoint (``model.pt``) atomically.
+
+    Args:
+        path: destination file; its folder is created if needed.
+        net: the trained network (its ``state_dict`` is stored on the CPU).
+        model_config: from :func:`make_model_config`.
+        preprocessing: the preprocessing object (or its ``to_dict()``).
+        calibration: a fitted Weibull calibrator, or ``None``.
+        class_names: one name per output class, or ``None``.
+        metrics: plain values to record (numbers, strings, lists, dicts).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: on an invalid ``model_config`` or a ``class_names`` of the wrong length.
+    """
+    config = _check_model_config(_lists(dict(model_config)), f"save_model({str(path)!r})")
+    if class_names is not None:
+        class_names = [str(name) for name in class_names]
+        if len(class_names) != config["out_channels"]:
+            raise ValueError(
+                f"class_names must name all {config['out_channels']} output classes, got {class_names!r}"
+            )
+    checkpoint = {
+        "format": MODEL_FORMAT,
+        "version": FORMAT_VERSION,
+        "state_dict": cpu_state_dict(net),
+        "model_config": config,
+        "preprocessing": dict(preprocessing)
+        if isinstance(preprocessing, Mapping)
+        else preprocessing.to_dict(),
+        "calibration": calibration.to_dict() if calibration is not None else None,
+        "class_names": class_names,
+        "metrics": dict(metrics or {}),
+        "monai_ood_version": __version__,
+    }
+    return _atomic_save(checkpoint, path)
+
+
+def _state_dict_mismatch(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """A readable description of the differences between ``net``'s state dict and ``state_dict``."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs network {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for title, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
+        if keys:
+            shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+            parts.append(f"{title}: {shown}")
+    return "; ".join(parts) or None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
+    """Read a model checkpoint written by :func:`save_model`.
+
+    Args:
+        path: the ``model.pt`` file.
+        device: where to put the network; ``None`` picks ``cuda`` if available, else ``cpu``.
+
+    Returns:
+        A :class:`LoadedModel` whose ``net`` is in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is not a monai-ood model checkpoint (names the file), or its state dict
+            does not fit the network its ``model_config`` describes (lists the keys).
+    """
+    device = resolve_device(device)
+    data = _load_dict(path, MODEL_FORMAT, map_location=device)
+    source = str(path)
+    missing = [
+        k
+        for k in ("state_dict", "model_config", "preprocessing", "calibration", "class_names")
+        if k not in data
+    ]
+    if missing:
+        raise ValueError(f"{source!r} is a damaged monai-ood model checkpoint: missing {missing}")
+    config = _check_model_config(data["model_config"], source)
+    try:
+        net = build_network(config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{source!r}: cannot build the network of its model_config {config!r}: {err}"
+        ) from err
+    mismatch = _state_dict_mismatch(net, data["state_dict"])
+    if mismatch:
+        raise ValueError(
+            f"{source!r}: the stored weights do not fit the {config['preset']!r} network: {mismatch}"
+        )
+    net.load_state_dict(data["state_dict"])
+    net.to(device).eval()
+    try:
+        preprocessing = preprocessing_from_dict(data["preprocessing"])
+        calibrator = None if data["calibration"] is None else WeibullCalibrator.from_dict(data["calibration"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source!r}: invalid preprocessing or calibration entry: {err}") from err
+    return LoadedModel(
+        net=net,
+        model_config=config,
+        preprocessing=preprocessing,
+        calibrator=calibrator,
+        class_names=None if data["class_names"] is None else list(data["class_names"]),
+        metrics=dict(data.get("metrics") or {}),
+        path=Path(path),
+    )
+
+
+def set_calibration(path: str | os.PathLike, calibrator: WeibullCalibrator | None) -> Path:
+    """Store ``calibrator`` in the model checkpoint at ``path`` (rewritten atomically; ``None`` removes it).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if it is not a monai-ood model checkpoint.
+        NotFittedError: if ``calibrator`` is not fitted.
+    """
+    data = _load_dict(path, MODEL_FORMAT)
+    data["calibration"] = calibrator.to_dict() if calibrator is not None else None
+    return _atomic_save(data, path)
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def _random_states(root: Any) -> list[np.random.RandomState]:
+    """The ``R`` generators of every randomizable transform under ``root``, in a fixed order.
+
+    Walks ``Compose.transforms`` and the attributes of every MONAI transform (e.g. ``RandAffined`` ->
+    ``RandAffine`` -> ``RandAffineGrid``, ``OutlierSynthesisd`` -> ``OutlierSynthesis``), sorted by
+    attribute name; generators shared by several transforms are listed once. Two identically built
+    pipelines give the same order, which is what restoring relies on.
+    """
+    states: list[np.random.RandomState] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item)
+            return
+        if not isinstance(obj, (Transform, Randomizable)) or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable) and id(obj.R) not in seen:
+            seen.add(id(obj.R))
+            states.append(obj.R)
+        for key in sorted(vars(obj)):
+            visit(vars(obj)[key])
+
+    visit(root)
+    return states
+
+
+def _numpy_state_to_dict(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _numpy_state_from_dict(d: Mapping[str, Any]) -> tuple:
+    keys = np.asarray(d["keys"].cpu().numpy(), dtype=np.uint32)
+    return (d["name"], keys, int(d["pos"]), int(d["has_gauss"]), float(d["cached_gaussian"]))
+
+
+def capture_rng_state(transforms: Any = None) -> dict[str, Any]:
+    """Every RNG state a training run draws from, as plain types and tensors (``weights_only``-safe).
+
+    Args:
+        transforms: a transform (e.g. the training ``Compose``) whose randomizable parts' ``R`` states
+            are saved too. With DataLoader workers these copies are not the ones in use (each worker's
+            are re-seeded from the torch RNG at every epoch); saving them costs nothing.
+
+    Returns:
+        ``{"python", "numpy", "torch", "cuda", "transforms"}``.
+    """
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_dict(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "transforms": [_numpy_state_to_dict(r.get_state()) for r in _random_states(transforms)],
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any], transforms: Any = None) -> None:
+    """Restore what :func:`capture_rng_state` saved.
+
+    Raises:
+        ValueError: if ``transforms`` has a different number of random generators than were saved (the
+            pipeline changed since the state was written).
+    """
+    generators = _random_states(transforms)
+    saved = list(state.get("transforms", []))
+    if len(saved) != len(generators):
+        raise ValueError(
+            f"the saved state has {len(saved)} transform random generator(s) but the pipeline has "
+            f"{len(generators)}: the augmentation pipeline changed since the state was saved"
+        )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    np.random.set_state(_numpy_state_from_dict(state["numpy"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = list(state.get("cuda", []))
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    elif cuda:
+        warnings.warn(
+            f"the saved state has CUDA RNG states of {len(cuda)} GPU(s) that this machine cannot take; "
+            "continuing without them (the run stays valid but is not bit-identical)",
+            stacklevel=2,
+        )
+    for generator, generator_state in zip(generators, saved, strict=True):
+        generator.set_state(_numpy_state_from_dict(generator_state))
+
+
+# ---------------------------------------------------------------- last.pt
+
+
+def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write a resumable training state (``last.pt``) atomically.
+
+    Args:
+        path: destination file.
+        state: plain types and tensors only (model/optimizer/scheduler state dicts, counters, the
+            output of :func:`capture_rng_state`, ...); ``format`` and ``version`` are added.
+    """
+    return _atomic_save(
+        {
+            "format": TRAINING_STATE_FORMAT,
+            "version": FORMAT_VERSION,
+            "monai_ood_version": __version__,
+            **state,
+        },
+        path,
+    )
+
+
+def load_training_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a training state written by :func:`save_training_state` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if it is not a monai-ood training state.
+    """
+    return _load_dict(path, TRAINING_STATE_FORMAT, map_location=map_location)

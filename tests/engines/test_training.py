@@ -1,0 +1,307 @@
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from monai_ood.calibration import WeibullCalibrator
+from monai_ood.engines import TrainingConfig, calibrate, load_model, train
+from monai_ood.engines.checkpoint import load_training_state
+from monai_ood.engines.training import training_transforms
+from monai_ood.preprocessing import SlicePreprocessing
+
+# 32x32 images are too small for the elastic outlier's default control grid; TorchIO warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:The maximum displacement is larger:RuntimeWarning")
+
+CLASS_NAMES = ["background", "ring", "core"]
+PREPROCESSING = SlicePreprocessing(size=(32, 32))
+
+
+def _items(n, seed):
+    """Bright squares (class 1) with a brighter core (class 2) on a dark noisy background."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(n):
+        label = np.zeros((1, 32, 32), np.int64)
+        r, c = rng.integers(4, 20, size=2)
+        label[0, r : r + 8, c : c + 8] = 1
+        label[0, r + 2 : r + 6, c + 2 : c + 6] = 2
+        image = (rng.random((1, 32, 32)) * 0.2 + 0.4 * label).astype(np.float32)
+        items.append({"image": image, "label": label})
+    return items
+
+
+def _config(**overrides):
+    kwargs = {
+        "network_kwargs": {"channels": (4, 8, 16), "strides": (2, 2)},
+        "head_channels": 8,
+        "batch_size": 4,
+        "max_epochs": 2,
+        "num_workers": 0,
+        "seed": 0,
+        **overrides,
+    }
+    return TrainingConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _items(12, seed=0), _items(4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    train_items, val_items = data
+    copies = [{k: v.copy() for k, v in item.items()} for item in train_items + val_items]
+    output = tmp_path_factory.mktemp("run")
+    result = train(
+        train_items, val_items, _config(), output, PREPROCESSING, class_names=CLASS_NAMES, progress=False
+    )
+    # the items are inputs: training must not have modified them
+    for before, after in zip(copies, train_items + val_items, strict=True):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(before[key], after[key])
+    return output, result
+
+
+def _without_timing(history):
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def test_training_writes_best_and_last_checkpoints(run):
+    output, result = run
+    assert result.best_checkpoint == output / "model.pt" and result.best_checkpoint.is_file()
+    assert result.last_checkpoint == output / "last.pt" and result.last_checkpoint.is_file()
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    for record in result.history:
+        assert 0.0 <= record["val_mean_dice"] <= 1.0
+        assert len(record["val_dice_per_class"]) == len(CLASS_NAMES) - 1  # background excluded
+        assert math.isfinite(record["train_loss"]) and math.isfinite(record["train_ood_loss"])
+    # the learning rate follows the warm-restart cosine with fractional epochs: below the start value
+    assert result.history[0]["lr"] < 1e-3
+    assert json.loads((output / "history.json").read_text()) == result.history
+
+    loaded = load_model(result.best_checkpoint, device="cpu")
+    best = max(result.history, key=lambda r: r["val_mean_dice"])
+    assert loaded.metrics["val_mean_dice"] == best["val_mean_dice"]
+    assert loaded.metrics["epoch"] == best["epoch"]
+    assert loaded.class_names == CLASS_NAMES
+    assert loaded.preprocessing == PREPROCESSING
+    assert loaded.model_config["out_channels"] == 3 and loaded.model_config["head_channels"] == 8
+
+    state = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and state["iteration"] == 6
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda", "transforms"}
+    assert len(state["rng"]["transforms"]) > 0
+    if best["epoch"] == 2:  # then model.pt holds the final weights too
+        for key, value in state["model"].items():
+            assert torch.equal(value, loaded.net.state_dict()[key])
+
+
+def test_resume_gives_the_same_weights(run, data, tmp_path, monkeypatch, capsys):
+    _, uninterrupted = run
+    train_items, val_items = data
+    # on a terminal a progress bar is shown; it must not change what is computed
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train(train_items, val_items, _config(max_epochs=1), tmp_path, PREPROCESSING, class_names=CLASS_NAMES)
+    monkeypatch.undo()
+    assert "train" in capsys.readouterr().err
+
+    # a fresh start into a folder holding a run is refused...
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        train(
+            train_items,
+            val_items,
+            _config(),
+            tmp_path,
+            PREPROCESSING,
+            class_names=CLASS_NAMES,
+            progress=False,
+        )
+    # ...as is resuming with settings that change what is computed
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(
+            train_items,
+            val_items,
+            _config(learning_rate=1e-2),
+            tmp_path,
+            PREPROCESSING,
+            class_names=CLASS_NAMES,
+            resume=True,
+            progress=False,
+        )
+
+    resumed = train(
+        train_items,
+        val_items,
+        _config(),
+        tmp_path,
+        PREPROCESSING,
+        class_names=CLASS_NAMES,
+        resume=True,
+        progress=False,
+    )
+    assert _without_timing(resumed.history) == _without_timing(uninterrupted.history)
+    expected = load_training_state(uninterrupted.last_checkpoint)
+    got = load_training_state(resumed.last_checkpoint)
+    for key, value in expected["model"].items():
+        assert torch.equal(got["model"][key], value), key
+    assert got["optimizer"]["param_groups"][0]["lr"] == expected["optimizer"]["param_groups"][0]["lr"]
+
+    # resuming a finished run does nothing more
+    again = train(
+        train_items,
+        val_items,
+        _config(),
+        tmp_path,
+        PREPROCESSING,
+        class_names=CLASS_NAMES,
+        resume=True,
+        progress=False,
+    )
+    assert _without_timing(again.history) == _without_timing(resumed.history)
+
+
+def test_overwrite_starts_afresh(data, tmp_path):
+    train_items, val_items = data
+    (tmp_path / "notes.txt").write_text("not ours")
+    # no validation runs (val_interval > max_epochs): model.pt holds the final weights, and says so
+    config = _config(max_epochs=1, val_interval=2, outlier_batch_size=0)
+    with pytest.warns(UserWarning, match="no validation ran"):
+        train(train_items, val_items, config, tmp_path, PREPROCESSING, progress=False)
+    with pytest.warns(UserWarning, match="no validation ran"):
+        result = train(
+            train_items, val_items, config, tmp_path, PREPROCESSING, overwrite=True, progress=False
+        )
+    assert len(result.history) == 1 and "val_mean_dice" not in result.history[0]
+    assert load_model(result.best_checkpoint, device="cpu").metrics["val_mean_dice"] is None
+    assert (tmp_path / "notes.txt").read_text() == "not ours"  # only the run's own files are replaced
+
+
+def test_calibration_is_stored_in_the_checkpoint(run, data):
+    _, result = run
+    _, val_items = data
+    calibrator = calibrate(result.best_checkpoint, val_items, batch_size=3, device="cpu")
+    loaded = load_model(result.best_checkpoint, device="cpu")
+    assert loaded.calibrator is not None
+    assert loaded.calibrator.to_dict() == calibrator.to_dict()
+    assert loaded.metrics["val_mean_dice"] > 0  # the rest of the checkpoint is kept
+
+    # the fit uses exactly the feature-resolution maps A(x) of every validation image
+    images = torch.from_numpy(np.stack([item["image"] for item in val_items]))
+    with torch.no_grad():
+        score_map = loaded.net.ood(images).score_map
+    assert calibrator.num_samples == score_map.numel() == 4 * 8 * 8
+    reference = WeibullCalibrator().fit(
+        score_map
+    )  # one batch of 4 here, batches of 3 above: float noise only
+    assert calibrator.shape == pytest.approx(reference.shape, rel=1e-5)
+    assert calibrator.scale == pytest.approx(reference.scale, rel=1e-5)
+
+
+def _bad(kind):
+    items = _items(3, seed=2)
+    if kind == "label out of range":
+        items[1]["label"][0, 0, 0] = 3
+    elif kind == "negative label":
+        items[2]["label"][0, 0, 0] = -1
+    elif kind == "nan image":
+        items[1]["image"][0, 5, 5] = np.nan
+    elif kind == "inf image":
+        items[0]["image"][0, 5, 5] = np.inf
+    elif kind == "label shape":
+        items[1]["label"] = items[1]["label"][:, :16]
+    elif kind == "fractional label":
+        items[1]["label"] = items[1]["label"].astype(np.float32) + 0.5
+    elif kind == "missing label":
+        del items[0]["label"]
+    elif kind == "mixed shapes":
+        items[2] = _items(1, seed=3)[0]
+        items[2] = {k: np.pad(v, ((0, 0), (0, 8), (0, 0))) for k, v in items[2].items()}
+    elif kind == "2d image without channel":
+        items[0]["image"] = items[0]["image"][0]
+    return items
+
+
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("label out of range", r"train_items\[1\]\['label'\] must lie in \[0, 2\].*got values in \[0, 3\]"),
+        ("negative label", r"train_items\[2\]\['label'\] must lie in \[0, 2\]"),
+        ("nan image", r"train_items\[1\]\['image'\] contains 1 NaN/Inf"),
+        ("inf image", r"train_items\[0\]\['image'\] contains 1 NaN/Inf"),
+        ("label shape", r"train_items\[1\]\['label'\] must have shape"),
+        ("fractional label", r"integer class indices"),
+        ("missing label", r"train_items\[0\] must be a dict with keys"),
+        ("mixed shapes", r"share one spatial shape"),
+        ("2d image without channel", r"\(C, H, W\)"),
+    ],
+)
+def test_invalid_items_are_rejected_up_front(kind, match, data, tmp_path):
+    _, val_items = data
+    with pytest.raises(ValueError, match=match):
+        train(_bad(kind), val_items, _config(), tmp_path / "out", PREPROCESSING, class_names=CLASS_NAMES)
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_invalid_validation_items_and_sizes(data, tmp_path):
+    train_items, val_items = data
+    bad_val = [dict(item) for item in val_items]
+    bad_val[0] = {"image": val_items[0]["image"], "label": val_items[0]["label"] * 2}
+    with pytest.raises(ValueError, match=r"val_items\[0\]\['label'\] must lie in \[0, 2\]"):
+        train(train_items, bad_val, _config(), tmp_path, PREPROCESSING, class_names=CLASS_NAMES)
+    with pytest.raises(ValueError, match="val_items is empty"):
+        train(train_items, [], _config(), tmp_path, PREPROCESSING)
+    with pytest.raises(ValueError, match="num_classes"):
+        train(
+            train_items, val_items, _config(num_classes=4), tmp_path, PREPROCESSING, class_names=CLASS_NAMES
+        )
+    odd = [{k: v[:, :30, :30] for k, v in item.items()} for item in train_items]
+    with pytest.raises(ValueError, match=r"cannot process images of spatial shape \(30, 30\)"):
+        train(odd, [odd[0]], _config(), tmp_path / "odd", SlicePreprocessing(size=(30, 30)))
+    assert not (tmp_path / "odd").exists()
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(train_items, val_items, _config(), tmp_path, PREPROCESSING, resume=True, overwrite=True)
+
+
+def test_outlier_is_made_from_the_augmented_image():
+    config = _config(outlier_ops=("vflip",))
+    transforms = training_transforms(config, spatial_dims=2).set_random_state(seed=1)
+    item = _items(1, seed=4)[0]
+    out = transforms(item)
+    assert set(out) == {"image", "label", "outlier"}
+    assert type(out["image"]) is torch.Tensor  # plain tensors: cheap to collate
+    assert not torch.equal(out["image"], torch.from_numpy(item["image"]))  # augmented
+    torch.testing.assert_close(out["outlier"], torch.flip(out["image"], dims=(1,)), rtol=0, atol=0)
+    # nearest interpolation keeps the label a class-index map
+    assert set(out["label"].unique().tolist()) <= {0.0, 1.0, 2.0}
+
+    no_outliers = training_transforms(_config(outlier_batch_size=0), spatial_dims=2)
+    assert set(no_outliers(item)) == {"image", "label"}
+
+
+def test_config_round_trip_and_validation():
+    config = _config(outlier_ops=["gamma", "swap"])
+    d = config.to_dict()
+    assert d["network_kwargs"]["channels"] == [4, 8, 16] and d["outlier_ops"] == ["gamma", "swap"]
+    json.dumps(d)
+    assert TrainingConfig.from_dict(d).to_dict() == d
+    with pytest.raises(ValueError, match="unknown TrainingConfig keys"):
+        TrainingConfig.from_dict({**d, "epochs": 3})
+    for bad in (
+        {"batch_size": 0},
+        {"outlier_batch_size": 9, "batch_size": 8},
+        {"learning_rate": 0.0},
+        {"lambda_out": -1.0},
+        {"rotate_degrees": 200},
+        {"max_epochs": 1.5},
+        {"preset": "unett"},
+    ):
+        with pytest.raises(ValueError):
+            TrainingConfig(**bad)
+    assert (
+        TrainingConfig().outliers_per_step == 8
+        and TrainingConfig(outlier_batch_size=2).outliers_per_step == 2
+    )
