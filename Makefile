@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (see README):
-#   make demo   set up .venv if missing, then run the main example
+#   make demo   set up .venv if missing, then train on the embedded brain data, calibrate, score, picture
 #   make test   set up .venv if missing, then run the test suite
 # The pinned CPU torch is installed before the package so pip never resolves an unpinned torch.
 
@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.monai-ood-installed
 
-.PHONY: setup demo test speed lint
+.PHONY: setup demo quickstart test speed lint
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m monai_ood.demo --output outputs/demo --overwrite
+
+quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)

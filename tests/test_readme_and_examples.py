@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_python_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
     assert blocks, "README has no python example"
     for block in blocks:
         namespace: dict = {}
@@ -24,6 +24,7 @@ def test_quickstart_runs_a_few_steps():
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "3", "--batch-size", "2"],
         capture_output=True,
         text=True,
+        encoding="utf-8",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

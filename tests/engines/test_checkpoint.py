@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -56,6 +57,9 @@ def test_model_round_trip(tmp_path):
         metrics={"val_mean_dice": 0.5, "epoch": 3},
     )
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would create it
 
     loaded = load_model(path, device="cpu")
     assert not loaded.net.training
