@@ -12,7 +12,7 @@ Everything goes through the ``monai-ood`` command line, exactly as a user would 
 4. ``monai-ood evaluate``: AUROC / FPR@95TPR per OOD set on the benchmark slices;
 5. an overlay montage PNG (image | segmentation | A_xi) of the middle slice of each input.
 
-Run: ``python -m monai_ood.demo [--output outputs/demo] [--epochs 60] [--seed 0] [--overwrite]``.
+Run: ``python -m monai_ood.demo [--output outputs/demo] [--epochs 70] [--seed 0] [--overwrite]``.
 """
 
 from __future__ import annotations
@@ -87,14 +87,18 @@ def _example_inputs(inputs_dir: Path, cache_dir, seed: int) -> dict[str, Path]:
         paths["C3 Colin27 (another scanner)"] = _write_input(
             _crop_world_z(colin, slab.min(), slab.max()), inputs_dir / "c3_colin27_slab.nii.gz"
         )
-    motion = tio.Motion(
-        degrees=[[0, 0, 6.0]] * 2,
-        translation=[[0, 0, 0], [4.0, 0, 0]],
-        times=[0.4, 0.6],
-        image_interpolation="linear",
-    )
+    # a moderate rigid head motion during the acquisition, in 3D k-space (TorchIO draws from torch's RNG)
+    import torch
+
     subject = tio.ScalarImage(tensor=sitk.GetArrayFromImage(ind).transpose(2, 1, 0)[None].astype(np.float32))
-    moved = motion(subject).data[0].numpy().transpose(2, 1, 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        moved = (
+            tio.RandomMotion(degrees=8, translation=8, num_transforms=2)(subject)
+            .data[0]
+            .numpy()
+            .transpose(2, 1, 0)
+        )
     motion_image = sitk.GetImageFromArray(np.ascontiguousarray(moved))
     motion_image.CopyInformation(ind)
     paths["C3 InD slab + motion artefact"] = _write_input(
@@ -140,7 +144,12 @@ def _montage(paths: dict[str, Path], scores_dir: Path, output: Path, table: dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="outputs/demo", help="demo folder (default: outputs/demo)")
-    parser.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=70,
+        help="training epochs (default: 70, the end of a warm-restart cycle)",
+    )
     parser.add_argument("--head-channels", type=int, default=64, help="c_g of the head (default: 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
