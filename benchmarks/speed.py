@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 
 from monai_ood.calibration import WeibullCalibrator
+from monai_ood.files import atomic_write_text
 from monai_ood.losses import SegOODLoss
 from monai_ood.networks import create_prototype_network
 from monai_ood.transforms import OutlierSynthesis
@@ -178,10 +178,7 @@ def main() -> None:
             "cpu_count": os.cpu_count(),
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.output.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(results, handle, indent=2)
-    os.replace(handle.name, args.output)
+    atomic_write_text(args.output, json.dumps(results, indent=2), overwrite=True)
 
     r, s = results["ratios"], results["seconds"]
     print(

@@ -15,26 +15,15 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from .files import atomic_write_text
 
 __all__ = ["main", "build_parser"]
 
 OUTPUT_SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
-
-
-def _atomic_write_text(path: Path, text: str, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def _device(name: str | None):
@@ -200,7 +189,7 @@ def _cmd_score(args) -> int:
         )
         slice_rows += [{"input": str(path), **row} for row in scored.slices]
 
-    _atomic_write_text(
+    atomic_write_text(
         output / "scores.json",
         json.dumps({"volumes": volume_rows, "slices": slice_rows}, indent=2),
         args.overwrite,
@@ -222,7 +211,7 @@ def _cmd_score(args) -> int:
         writer.writerow({**row, "level": "volume"})
     for row in slice_rows:
         writer.writerow({**row, "level": "slice"})
-    _atomic_write_text(output / "scores.csv", buffer.getvalue(), args.overwrite)
+    atomic_write_text(output / "scores.csv", buffer.getvalue(), args.overwrite)
     if not args.no_slicer_files:
         from .io.slicer import write_slicer_files
 
@@ -249,7 +238,7 @@ def _cmd_evaluate(args) -> int:
         args.checkpoint, cache_dir=args.cache_dir, device=args.device, seed=args.seed
     )
     output = Path(args.output)
-    _atomic_write_text(output / "evaluation.json", json.dumps(report, indent=2), args.overwrite)
+    atomic_write_text(output / "evaluation.json", json.dumps(report, indent=2), args.overwrite)
     for name, row in report["ood_sets"].items():
         print(
             f"{name:<32} {row['category']}  AUROC {row['auroc']:.3f}  FPR@95TPR {row['fpr95']:.3f}  n={row['n']}"
@@ -415,8 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:  # epoch lines are the progress report where no bar can be drawn
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if not logging.getLogger().handlers:
+        # our epoch lines are the progress report where no bar can be drawn; ignite's per-run chatter is not
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+        logging.getLogger("monai_ood").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as error:

@@ -18,9 +18,7 @@ Run: ``python -m monai_ood.demo [--output outputs/demo] [--epochs 70] [--seed 0]
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,15 +27,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from .cli import main as cli
+from .files import atomic_write
 
 
 def _write_input(image: sitk.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(handle)
-    sitk.WriteImage(image, temporary, True)
-    os.replace(temporary, path)
-    return path
+    return atomic_write(path, lambda temporary: sitk.WriteImage(image, str(temporary), True), overwrite=True)
 
 
 def _crop_world_z(image: sitk.Image, z_low: float, z_high: float) -> sitk.Image:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from scipy import optimize
+
+from ..files import atomic_write_text
 
 __all__ = ["NotFittedError", "WeibullCalibrator"]
 
@@ -512,21 +513,7 @@ class WeibullCalibrator:
             NotFittedError: If the calibrator has not been fitted.
         """
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_path, path)
-        except BaseException:
-            try:
-                os.unlink(tmp_path)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write_text(path, text, overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WeibullCalibrator:

@@ -38,7 +38,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from monai_ood.files import atomic_write, atomic_write_text
 from monai_ood.preprocessing import SlicePreprocessing, slice_positions, volume_to_slices
 
 __all__ = [
@@ -340,18 +340,10 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
     meta_text = json.dumps(meta, indent=2, sort_keys=True)
     # Temp file in the same folder + os.replace: readers never see a half-written file, and two
     # processes building at once both end with a complete cache.
-    for target, write in (
-        (path, lambda f: np.savez_compressed(f, meta=np.array(meta_text), **arrays)),
-        (path.with_suffix(".json"), lambda f: f.write(meta_text.encode())),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    atomic_write(
+        path, lambda tmp: np.savez_compressed(tmp, meta=np.array(meta_text), **arrays), overwrite=True
+    )
+    atomic_write_text(path.with_suffix(".json"), meta_text, overwrite=True)
 
 
 def _read_cache(path: Path, settings: dict[str, Any], sources: dict[str, dict[str, Any]]):

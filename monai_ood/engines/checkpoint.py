@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,12 +46,12 @@ from torch import nn
 
 from .. import __version__
 from ..calibration import WeibullCalibrator
+from ..files import atomic_write
 from ..networks.presets import create_prototype_network
 from ..preprocessing import SlicePreprocessing, VolumePreprocessing, preprocessing_from_dict
 
 __all__ = [
     "MODEL_FORMAT",
-    "atomic_write",
     "TRAINING_STATE_FORMAT",
     "FORMAT_VERSION",
     "LoadedModel",
@@ -179,32 +178,8 @@ def build_network(model_config: Mapping[str, Any]) -> nn.Module:
 # ---------------------------------------------------------------- atomic files
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place with ``os.replace``.
-
-    Readers never see a half-written file, and a failed write leaves the previous file untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file as 0600; give it the permissions a plain open() would (0666 - umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda temporary: torch.save(obj, temporary), overwrite=True)
 
 
 def _load_dict(path: str | os.PathLike, expected_format: str, map_location: Any = "cpu") -> dict[str, Any]:

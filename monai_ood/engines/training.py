@@ -69,13 +69,13 @@ from monai.transforms import AsDiscreted, Compose, CopyItemsd, EnsureTyped, Rand
 from monai.utils import look_up_option, set_determinism
 from torch import nn
 
+from ..files import atomic_write_text
 from ..losses import SegOODLoss
 from ..networks.presets import PRESETS
 from ..preprocessing import SlicePreprocessing, VolumePreprocessing
 from ..transforms import OutlierSynthesisd
 from ..transforms.outlier_synthesis import DEFAULT_OPS
 from .checkpoint import (
-    atomic_write,
     build_network,
     capture_rng_state,
     cpu_state_dict,
@@ -565,9 +565,7 @@ class _RunRecorder:
         record["best_epoch"] = int(self.evaluator.state.best_metric_epoch) if validated else None
         record["seconds"] = time.perf_counter() - self._epoch_start
         self.history.append(record)
-        atomic_write(
-            self.output_dir / HISTORY_FILE, lambda f: json.dump(self.history, f, indent=2), binary=False
-        )
+        atomic_write_text(self.output_dir / HISTORY_FILE, json.dumps(self.history, indent=2), overwrite=True)
         # Last of the epoch's handlers (after validation), so the RNG states are those the next epoch starts from.
         save_training_state(
             self.output_dir / LAST_CHECKPOINT,

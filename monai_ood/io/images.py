@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+
+from monai_ood.files import atomic_write
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -330,52 +331,6 @@ def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Write a file so that readers see either the old file, or the complete new one, never a part.
-
-    ``write`` is called with a temporary path in the same folder that ends like ``path`` (writers
-    choose the format by extension); the result then replaces ``path`` with :func:`os.replace`, which
-    is atomic within a file system. The temporary file is removed if anything fails. Missing parent
-    folders are created.
-
-    Args:
-        path: the file to write.
-        write: writes the content to the path it is given.
-        overwrite: replace an existing ``path``.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-        IsADirectoryError: ``path`` is a folder.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"output {str(path)!r} is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(path, OUTPUT_SUFFIXES) or path.suffix
-    base = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    # A fresh name rather than mkstemp: the writer creates the file, so it gets the usual umask
-    # permissions (mkstemp's 0600 would survive os.replace).
-    temporary = path.with_name(f".{base}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-    try:
-        write(temporary)
-        if not temporary.exists():
-            raise RuntimeError(f"the writer did not create {str(temporary)!r}")
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())  # on disk before the rename, so a power cut cannot leave it empty
-        if path.exists() and not overwrite:  # written meanwhile by someone else: keep theirs
-            raise FileExistsError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
-        os.replace(temporary, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave a partial temporary file behind
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _check_not_input(path: Path, reference_path: str | os.PathLike | None) -> None:
