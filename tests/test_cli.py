@@ -163,3 +163,16 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "monai_ood", "score", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "--overwrite" in result.stdout and "DICOM" in result.stdout
+
+
+def test_evaluate_reports_every_category(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--checkpoint", str(trained), "--output", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv + ["--device", "cpu"]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert {"C1", "C2", "C3"} <= set(report["categories"])
+    for row in report["ood_sets"].values():
+        assert 0 <= row["auroc"] <= 1 and 0 <= row["fpr95"] <= 1 and row["n"] > 0
+    assert set(report["dice"]["per_class"]) == {"1", "2", "3"}  # a datalist model has no class names
+    assert "AUROC" in capsys.readouterr().out
+    assert main(argv) == 2  # an existing evaluation.json is refused without --overwrite
