@@ -26,14 +26,6 @@ __all__ = ["main", "build_parser"]
 OUTPUT_SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 
 
-def _device(name: str | None):
-    import torch
-
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load_items(args, split: str, preprocessing):
     """2D items of a split from the embedded brain data or a user datalist."""
     if args.datalist:
@@ -122,7 +114,7 @@ def _cmd_score(args) -> int:
     from .io import find_inputs, output_stem, read_image, write_image
     from .preprocessing import SlicePreprocessing
 
-    loaded = load_model(args.checkpoint, device=_device(args.device))
+    loaded = load_model(args.checkpoint, device=args.device)
     preprocessing = loaded.preprocessing
     if args.axis:
         if not isinstance(preprocessing, SlicePreprocessing):

@@ -57,15 +57,12 @@ def evaluate_checkpoint(checkpoint, cache_dir=None, device=None, seed: int = 0, 
         A JSON-ready dict: per OOD set ``{category, n, auroc, fpr95, aupr_in, aupr_out, mean_score}``,
         per category the mean over its sets, InD ``dice`` per class, and the command's settings.
     """
-    import torch
-
     from .data.brain import brain_test_variants, load_brain_dataset
     from .data.ood_sources import load_ood_sets
     from .engines.checkpoint import load_model
     from .inference import score_slices
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loaded = load_model(checkpoint, device=device)
+    loaded = load_model(checkpoint, device=device)  # None: cuda when available
     test = load_brain_dataset(cache_dir=cache_dir, preprocessing=loaded.preprocessing)["test"]
     ind_items = list(test) + list(brain_test_variants(test, seed=seed))
 
