@@ -176,3 +176,30 @@ def test_evaluate_reports_every_category(trained, tmp_path, capsys):
     assert set(report["dice"]["per_class"]) == {"1", "2", "3"}  # a datalist model has no class names
     assert "AUROC" in capsys.readouterr().out
     assert main(argv) == 2  # an existing evaluation.json is refused without --overwrite
+
+
+def test_score_3d_model_uses_sliding_windows_and_keeps_geometry(dataset, tmp_path):
+    """A 3D checkpoint (saved through the API; `train` makes 2D models) scored through the CLI."""
+    import numpy as np
+
+    from monai_ood.calibration import WeibullCalibrator
+    from monai_ood.engines.checkpoint import build_network, make_model_config, save_model
+    from monai_ood.preprocessing import VolumePreprocessing
+
+    config = make_model_config("unet", 3, 1, 4, 8, network_kwargs={"channels": [4, 8, 16], "strides": [2, 2]})
+    net = build_network(config)
+    calibration = WeibullCalibrator().fit(np.random.default_rng(0).weibull(1.5, 1000) * 20)
+    preprocessing = VolumePreprocessing(spacing=(3.0, 3.0, 3.0), roi_size=(16, 16, 16))
+    save_model(tmp_path / "model3d.pt", net, config, preprocessing, calibration=calibration)
+    source = dataset / "oblique.nii.gz"
+    out = tmp_path / "scores3d"
+    argv = ["score", str(source), "--checkpoint", str(tmp_path / "model3d.pt"), "--output", str(out), "--quiet"]
+    assert main(argv + ["--device", "cpu"]) == 0
+    reference = nib.load(source)
+    for name in ("oblique_seg", "oblique_score", "oblique_score_calibrated"):
+        written = nib.load(out / f"{name}.nii.gz")
+        assert written.shape == reference.shape
+        np.testing.assert_allclose(written.affine, reference.affine, atol=1e-6)
+    score = np.asarray(nib.load(out / "oblique_score.nii.gz").dataobj)
+    assert np.isfinite(score).all() and score.max() > 0
+    assert main(argv + ["--axis", "axial"]) == 2  # slicing applies to 2D models only
