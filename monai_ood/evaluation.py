@@ -11,7 +11,14 @@ from collections import defaultdict
 
 import numpy as np
 
-__all__ = ["ood_metrics", "dice_per_class", "evaluate_checkpoint"]
+__all__ = [
+    "ood_metrics",
+    "dice_per_class",
+    "dice_per_image",
+    "risk_coverage",
+    "severity_correlation",
+    "evaluate_checkpoint",
+]
 
 
 def ood_metrics(ind_scores, ood_scores) -> dict[str, float]:
@@ -48,6 +55,46 @@ def dice_per_class(prediction: np.ndarray, label: np.ndarray, num_classes: int) 
         denominator = p.sum() + t.sum()
         dice.append(2.0 * (p & t).sum() / denominator if denominator else np.nan)
     return np.array(dice)
+
+
+def dice_per_image(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean foreground Dice of each image ``(N, *spatial)`` over the classes present in its label or
+    prediction; an image where both are empty scores 1 (nothing to find, nothing found)."""
+    prediction, label = np.asarray(prediction), np.asarray(label)
+    out = np.empty(len(prediction))
+    for i, (p, t) in enumerate(zip(prediction, label, strict=True)):
+        dice = dice_per_class(p, t, num_classes)
+        out[i] = 1.0 if np.isnan(dice).all() else float(np.nanmean(dice))
+    return out
+
+
+def risk_coverage(scores, risks) -> dict[str, float]:
+    """Failure detection: keep images in order of increasing OOD score; the selective risk at coverage
+    k/n is the mean risk of the k lowest-scored images. Returns ``aurc`` (the mean selective risk over
+    k = 1..n: the area under the risk-coverage curve, lower is better, Zenk et al. 2025),
+    ``spearman`` (rank correlation of score and risk, higher is better) and the ``random`` AURC (the
+    mean risk, what an uninformative score gets in expectation)."""
+    from scipy.stats import spearmanr
+
+    scores, risks = np.asarray(scores, dtype=np.float64), np.asarray(risks, dtype=np.float64)
+    if scores.shape != risks.shape or scores.size < 2:
+        raise ValueError(
+            f"need matching score and risk vectors of length >= 2, got {scores.shape} and {risks.shape}"
+        )
+    order = np.argsort(scores, kind="stable")
+    selective = np.cumsum(risks[order]) / np.arange(1, scores.size + 1)
+    return {
+        "aurc": float(selective.mean()),
+        "spearman": float(spearmanr(scores, risks).statistic),
+        "random": float(risks.mean()),
+    }
+
+
+def severity_correlation(scores, severities) -> float:
+    """Spearman's rank correlation of image scores with artefact severity (0 = clean, 1, 2, 3)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(scores, dtype=np.float64), np.asarray(severities)).statistic)
 
 
 def evaluate_checkpoint(checkpoint, cache_dir=None, device=None, seed: int = 0, batch_size: int = 32) -> dict:

@@ -1,0 +1,4 @@
+from .base import Detector, DetectorOutput, NotFittedError
+from .prototype import PrototypeDetector
+
+__all__ = ["Detector", "DetectorOutput", "NotFittedError", "PrototypeDetector"]

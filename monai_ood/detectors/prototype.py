@@ -1,0 +1,31 @@
+"""The paper's detector: the auxiliary prototypical classifier's score (Cho et al. 2023, eq. 6)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..networks import PrototypeOODNet
+from .base import Detector, DetectorOutput
+
+__all__ = ["PrototypeDetector"]
+
+
+class PrototypeDetector(Detector):
+    """Image score ``||A(x)||_1 / (feature pixels)`` and map ``A(x)`` upsampled, from a trained
+    :class:`~monai_ood.networks.PrototypeOODNet`. Needs no fitting: the head was trained with the network.
+
+    One encoder-only pass (:meth:`PrototypeOODNet.ood`): the decoder is not needed for the score.
+    """
+
+    name = "prototype"
+
+    def __init__(self, net: PrototypeOODNet) -> None:
+        if not isinstance(net, PrototypeOODNet):
+            raise TypeError(f"PrototypeDetector needs a PrototypeOODNet, got {type(net).__name__}")
+        super().__init__()
+        self.net = net
+
+    def _predict(self, images: torch.Tensor) -> DetectorOutput:
+        self.net.eval()
+        ood = self.net.ood(images.to(next(self.net.parameters()).device))
+        return DetectorOutput(ood.image_score, ood.score_map_upsampled)
