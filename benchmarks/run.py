@@ -108,7 +108,6 @@ def _build_detectors(data, preset, prep, seed, out) -> tuple[dict[str, tuple], d
     from monai_ood.detectors.mc_dropout import MCDropoutDetector
     from monai_ood.detectors.mecam import MECAMDetector
     from monai_ood.detectors.msp import MaxSoftmaxDetector
-
     from monai_ood.networks.presets import PRESETS as NETWORKS
 
     facts = {}
@@ -136,7 +135,7 @@ def _build_detectors(data, preset, prep, seed, out) -> tuple[dict[str, tuple], d
         "entropy": (EntropyDetector(plain.backbone), plain.backbone),
         "energy": (EnergyDetector(plain.backbone), plain.backbone),
         "MC dropout": (
-            MCDropoutDetector(dropout.backbone, passes=preset["mc_passes"], seed=seed),
+            MCDropoutDetector(dropout.backbone, num_passes=preset["mc_passes"], seed=seed),
             dropout.backbone,
         ),
         "ensemble": (EnsembleDetector(members), members[0]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..networks import PrototypeOODNet
-from .base import Detector, DetectorOutput
+from .base import Detector, DetectorOutput, eval_mode, module_device
 
 __all__ = ["PrototypeDetector"]
 
@@ -26,6 +26,6 @@ class PrototypeDetector(Detector):
         self.net = net
 
     def _predict(self, images: torch.Tensor) -> DetectorOutput:
-        self.net.eval()
-        ood = self.net.ood(images.to(next(self.net.parameters()).device))
+        with eval_mode(self.net):
+            ood = self.net.ood(images.to(module_device(self.net, images.device)))
         return DetectorOutput(ood.image_score, ood.score_map_upsampled)
