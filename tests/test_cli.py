@@ -167,7 +167,15 @@ def test_module_entry_point_help():
 
 def test_evaluate_reports_every_category(trained, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["evaluate", "--checkpoint", str(trained), "--output", str(out), "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(trained),
+        "--output",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(argv + ["--device", "cpu"]) == 0
     report = json.loads((out / "evaluation.json").read_text())
     assert {"C1", "C2", "C3"} <= set(report["categories"])
@@ -193,7 +201,15 @@ def test_score_3d_model_uses_sliding_windows_and_keeps_geometry(dataset, tmp_pat
     save_model(tmp_path / "model3d.pt", net, config, preprocessing, calibration=calibration)
     source = dataset / "oblique.nii.gz"
     out = tmp_path / "scores3d"
-    argv = ["score", str(source), "--checkpoint", str(tmp_path / "model3d.pt"), "--output", str(out), "--quiet"]
+    argv = [
+        "score",
+        str(source),
+        "--checkpoint",
+        str(tmp_path / "model3d.pt"),
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv + ["--device", "cpu"]) == 0
     reference = nib.load(source)
     for name in ("oblique_seg", "oblique_score", "oblique_score_calibrated"):

@@ -7,7 +7,6 @@ through :func:`monai_ood.preprocessing.volume_to_slices`, the code path used for
 from .brain import (
     CLASS_NAMES,
     NUM_CLASSES,
-    affine_augmentation,
     brain_cache_path,
     brain_test_variants,
     load_brain_dataset,
@@ -35,7 +34,6 @@ __all__ = [
     "NUM_CLASSES",
     "MissingSourceWarning",
     "OODItem",
-    "affine_augmentation",
     "apply_artefact",
     "artefact_items",
     "brain_cache_path",

@@ -49,10 +49,9 @@ import SimpleITK as sitk
 
 from monai_ood.files import atomic_write, atomic_write_text
 from monai_ood.preprocessing import SlicePreprocessing, slice_positions, volume_to_slices
+from monai_ood.transforms.augmentation import affine_augmentation
 
 __all__ = [
-    "AUGMENT_ROTATE_DEGREES",
-    "AUGMENT_TRANSLATE_PIXELS",
     "BRAIN_MASK_THRESHOLD",
     "CACHE_ENV",
     "CLASS_NAMES",
@@ -61,7 +60,6 @@ __all__ = [
     "SLAB_MM",
     "SLAB_PATTERN",
     "SPLITS",
-    "affine_augmentation",
     "brain_cache_path",
     "brain_slices",
     "brain_test_variants",
@@ -87,8 +85,6 @@ MIN_BRAIN_FRACTION = 0.05
 BRAIN_MASK_THRESHOLD = 0.2  # nilearn.datasets.load_mni152_brain_mask's default threshold
 # The paper's training augmentation (rotation <= 15 degrees, translation <= 10 px); the InD test
 # variants use the very same single warp, so that a detector cannot key on interpolation.
-AUGMENT_ROTATE_DEGREES = 15.0
-AUGMENT_TRANSLATE_PIXELS = 10.0
 
 # Bumped whenever the content of the cache changes for the same preprocessing (label rule, split rule).
 _CACHE_FORMAT = 1
@@ -425,35 +421,6 @@ def _to_items(arrays: dict[str, np.ndarray]) -> dict[str, list[dict[str, Any]]]:
             }
         )
     return out
-
-
-def affine_augmentation(keys: Sequence[str] = ("image", "label"), prob: float = 1.0):
-    """The paper's training warp as one MONAI ``RandAffined``: rotation <= 15 degrees, translation <= 10 px.
-
-    One resampling, bilinear for ``keys[0]`` and nearest for the others (labels), zero padding (the
-    slices' background is 0). Use it for training augmentation so that the InD test variants of
-    :func:`brain_test_variants` come from the same distribution of warps.
-
-    Args:
-        keys: the image key first, then label keys.
-        prob: probability of warping an item.
-
-    Returns:
-        A ``monai.transforms.RandAffined``; seed it with ``set_random_state(seed)``.
-    """
-    from monai.transforms import RandAffined
-
-    keys = tuple(keys)
-    if not keys:
-        raise ValueError(f"keys must name at least the image, got {keys!r}")
-    return RandAffined(
-        keys=keys,
-        prob=prob,
-        rotate_range=(np.deg2rad(AUGMENT_ROTATE_DEGREES),),
-        translate_range=(AUGMENT_TRANSLATE_PIXELS, AUGMENT_TRANSLATE_PIXELS),
-        mode=("bilinear",) + ("nearest",) * (len(keys) - 1),
-        padding_mode="zeros",
-    )
 
 
 def brain_test_variants(test_items: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:

@@ -65,7 +65,7 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, MeanDice, StatsHandler, ValidationHandler, from_engine
 from monai.inferers import SimpleInferer
-from monai.transforms import AsDiscreted, Compose, CopyItemsd, EnsureTyped, RandAffined
+from monai.transforms import AsDiscreted, Compose, CopyItemsd, EnsureTyped
 from monai.utils import look_up_option, set_determinism
 from torch import nn
 
@@ -73,7 +73,7 @@ from ..files import atomic_write_text
 from ..losses import SegOODLoss
 from ..networks.presets import PRESETS
 from ..preprocessing import SlicePreprocessing, VolumePreprocessing
-from ..transforms import OutlierSynthesisd
+from ..transforms import OutlierSynthesisd, affine_augmentation
 from ..transforms.outlier_synthesis import DEFAULT_OPS
 from .checkpoint import (
     build_network,
@@ -273,17 +273,8 @@ def training_transforms(config: TrainingConfig, spatial_dims: int) -> Compose:
     keys = ("image", "label")
     transforms: list = [EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False)]
     if config.rotate_degrees > 0 or config.translate_pixels > 0:
-        angle = math.radians(config.rotate_degrees)
         transforms.append(
-            RandAffined(
-                keys=keys,
-                prob=1.0,
-                # 2D: one in-plane angle; 3D: an angle about each axis.
-                rotate_range=(angle,) if spatial_dims == 2 else (angle,) * 3,
-                translate_range=(config.translate_pixels,) * spatial_dims,
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-            )
+            affine_augmentation(keys, spatial_dims, config.rotate_degrees, config.translate_pixels)
         )
     out_keys: tuple[str, ...] = keys
     if config.outliers_per_step > 0:

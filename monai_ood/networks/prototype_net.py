@@ -13,7 +13,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .prototypes import MahalanobisPrototypes, ProjectionHead
 
-__all__ = ["PrototypeOODNet", "OODOutput", "TrainOutput", "infer_feature_channels", "infer_spatial_dims"]
+__all__ = [
+    "HookedEncoderNet",
+    "PrototypeOODNet",
+    "OODOutput",
+    "TrainOutput",
+    "infer_feature_channels",
+    "infer_spatial_dims",
+]
 
 OUTLIER_NORM_MODES = ("running", "batch")
 
@@ -90,7 +97,120 @@ def infer_spatial_dims(module: nn.Module) -> int:
     )
 
 
-class PrototypeOODNet(nn.Module):
+class HookedEncoderNet(nn.Module):
+    """A segmentation network with a forward hook on one named encoder layer: the machinery every
+    auxiliary OOD head shares (:class:`PrototypeOODNet`, :class:`monai_ood.detectors.fcdd.FCDDNet`).
+
+    The backbone is kept exactly as given (architecture and state-dict keys unchanged, so a plain
+    checkpoint loads with ``net.backbone.load_state_dict(...)``); ``forward(x)`` returns its output; the
+    hook is inactive unless a method asks for the features. :meth:`encode` ends the forward pass at the
+    hooked layer (the hook raises), which works even where encoder and decoder are nested (MONAI's UNet).
+    :meth:`_outlier_normalisation` sets how batch norms see outliers (``outlier_norm``, see
+    :class:`PrototypeOODNet`). Subclasses add a head on the captured features.
+
+    Args:
+        backbone: any segmentation network returning logits.
+        layer: dotted module name to hook; ``"auto"`` = the encoder bottleneck of a supported network.
+        feature_channels: channels of the hooked layer's output; inferred when ``None``.
+        spatial_dims: 2 or 3; inferred from the backbone's convolutions when ``None``.
+        outlier_norm: ``"running"`` or ``"batch"``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layer: str = "auto",
+        feature_channels: int | None = None,
+        spatial_dims: int | None = None,
+        outlier_norm: str = "running",
+    ) -> None:
+        super().__init__()
+        from monai.utils import look_up_option
+
+        from .presets import feature_layer_for  # deferred: presets imports this module
+
+        self.backbone = backbone
+        self.layer = feature_layer_for(backbone) if layer == "auto" else layer
+        modules = dict(backbone.named_modules())
+        if self.layer not in modules:
+            hint = ", ".join(name for name in list(modules)[1:12])
+            raise ValueError(f"backbone has no module named {self.layer!r}; some of its modules: {hint}, ...")
+        hooked = modules[self.layer]
+        self.spatial_dims = spatial_dims if spatial_dims is not None else infer_spatial_dims(backbone)
+        self.feature_channels = (
+            feature_channels if feature_channels is not None else infer_feature_channels(hooked)
+        )
+        self.outlier_norm = look_up_option(outlier_norm, OUTLIER_NORM_MODES)
+        self._capturing = False
+        self._stop_at_hook = False
+        self._captured: torch.Tensor | None = None
+        self._hook_handle = hooked.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        if not self._capturing:
+            return
+        self._captured = _first_tensor(output)
+        if self._stop_at_hook:
+            raise _ReachedHookedLayer
+
+    @contextlib.contextmanager
+    def _capture(self, stop: bool) -> Iterator[None]:
+        self._capturing, self._stop_at_hook, self._captured = True, stop, None
+        try:
+            yield
+        finally:
+            self._capturing, self._stop_at_hook = False, False
+
+    def _take_captured(self) -> torch.Tensor:
+        features, self._captured = self._captured, None
+        if features is None:
+            raise RuntimeError(f"the hooked layer {self.layer!r} was not called during the forward pass")
+        return features
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != self.spatial_dims + 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)
+            raise ValueError(f"expected input (B, C, *{self.spatial_dims} spatial dims), got {shape}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits, exactly as the backbone returns them."""
+        return self.backbone(x)
+
+    def forward_capturing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One whole pass: the backbone's output and the hooked layer's features ``f_int(x)``."""
+        self._check_input(x)
+        with self._capture(stop=False):
+            logits = self.backbone(x)
+        return logits, self._take_captured()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the backbone only up to the hooked layer and return its features ``f_int(x)``."""
+        self._check_input(x)
+        with self._capture(stop=True):
+            try:
+                self.backbone(x)
+            except _ReachedHookedLayer:
+                pass
+        return self._take_captured()
+
+    @contextlib.contextmanager
+    def _outlier_normalisation(self) -> Iterator[None]:
+        batch_norms = [m for m in self.backbone.modules() if isinstance(m, _BatchNorm)]
+        saved = [(m.training, m.momentum) for m in batch_norms]
+        try:
+            for m in batch_norms:
+                if self.outlier_norm == "running":
+                    m.eval()
+                else:  # batch statistics for normalising, but momentum 0 leaves the running ones unchanged
+                    m.momentum = 0.0
+            yield
+        finally:
+            for m, (training, momentum) in zip(batch_norms, saved, strict=True):
+                m.train(training)
+                m.momentum = momentum
+
+
+class PrototypeOODNet(HookedEncoderNet):
     """A segmentation network with the auxiliary prototypical OOD classifier of Cho et al. (2023).
 
     The backbone is kept exactly as given: the head is attached by a forward hook on the module named
@@ -145,75 +265,15 @@ class PrototypeOODNet(nn.Module):
         spatial_dims: int | None = None,
         outlier_norm: str = "running",
     ) -> None:
-        super().__init__()
-        from monai.utils import look_up_option
-
-        from .presets import feature_layer_for  # deferred: presets imports this module
-
-        self.backbone = backbone
-        self.layer = feature_layer_for(backbone) if layer == "auto" else layer
-        modules = dict(backbone.named_modules())
-        if self.layer not in modules:
-            hint = ", ".join(name for name in list(modules)[1:12])
-            raise ValueError(f"backbone has no module named {self.layer!r}; some of its modules: {hint}, ...")
-        hooked = modules[self.layer]
-        self.spatial_dims = spatial_dims if spatial_dims is not None else infer_spatial_dims(backbone)
-        self.feature_channels = (
-            feature_channels if feature_channels is not None else infer_feature_channels(hooked)
-        )
-        self.outlier_norm = look_up_option(outlier_norm, OUTLIER_NORM_MODES)
+        super().__init__(backbone, layer, feature_channels, spatial_dims, outlier_norm)
         self.num_classes = num_classes
         self.head = ProjectionHead(self.spatial_dims, self.feature_channels, head_channels, act=head_act)
         self.prototypes = MahalanobisPrototypes(num_classes, head_channels)
-        self._capturing = False
-        self._stop_at_hook = False
-        self._captured: torch.Tensor | None = None
-        self._hook_handle = hooked.register_forward_hook(self._hook)
 
     @property
     def num_dims(self) -> int:
         """Embedding size ``c_g``: the chi-square degrees of freedom for the inclusion loss."""
         return self.prototypes.num_dims
-
-    def _hook(self, module: nn.Module, inputs, output) -> None:
-        if not self._capturing:
-            return
-        self._captured = _first_tensor(output)
-        if self._stop_at_hook:
-            raise _ReachedHookedLayer
-
-    @contextlib.contextmanager
-    def _capture(self, stop: bool) -> Iterator[None]:
-        self._capturing, self._stop_at_hook, self._captured = True, stop, None
-        try:
-            yield
-        finally:
-            self._capturing, self._stop_at_hook = False, False
-
-    def _take_captured(self) -> torch.Tensor:
-        features, self._captured = self._captured, None
-        if features is None:
-            raise RuntimeError(f"the hooked layer {self.layer!r} was not called during the forward pass")
-        return features
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != self.spatial_dims + 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)
-            raise ValueError(f"expected input (B, C, *{self.spatial_dims} spatial dims), got {shape}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Segmentation logits, exactly as the backbone returns them."""
-        return self.backbone(x)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the backbone only up to the hooked layer and return its features ``f_int(x)``."""
-        self._check_input(x)
-        with self._capture(stop=True):
-            try:
-                self.backbone(x)
-            except _ReachedHookedLayer:
-                pass
-        return self._take_captured()
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """``D_M`` of the projected features to every prototype: ``(B, K, *feature_spatial)``."""
@@ -233,31 +293,12 @@ class PrototypeOODNet(nn.Module):
 
     def forward_with_ood(self, x: torch.Tensor) -> tuple[torch.Tensor, OODOutput]:
         """One pass of the whole network: ``(logits, OODOutput)``."""
-        self._check_input(x)
-        with self._capture(stop=False):
-            logits = self.backbone(x)
-        features = self._take_captured()
+        logits, features = self.forward_capturing(x)
         return logits, self.ood_from_distances(self.distances(features), x.shape[2:])
 
     def ood(self, x: torch.Tensor) -> OODOutput:
         """OOD outputs only, from an encoder-only pass (the decoder is skipped)."""
         return self.ood_from_distances(self.distances(self.encode(x)), x.shape[2:])
-
-    @contextlib.contextmanager
-    def _outlier_normalisation(self) -> Iterator[None]:
-        batch_norms = [m for m in self.backbone.modules() if isinstance(m, _BatchNorm)]
-        saved = [(m.training, m.momentum) for m in batch_norms]
-        try:
-            for m in batch_norms:
-                if self.outlier_norm == "running":
-                    m.eval()
-                else:  # batch statistics for normalising, but momentum 0 leaves the running ones unchanged
-                    m.momentum = 0.0
-            yield
-        finally:
-            for m, (training, momentum) in zip(batch_norms, saved, strict=True):
-                m.train(training)
-                m.momentum = momentum
 
     def forward_train(self, images: torch.Tensor, outliers: torch.Tensor | None = None) -> TrainOutput:
         """The forward passes of one training step (paper Fig. 1).
@@ -270,10 +311,8 @@ class PrototypeOODNet(nn.Module):
             :class:`TrainOutput` with ``logits`` ``(B, K_out, *spatial)``, ``distances``
             ``(B, K, *feature_spatial)`` and ``outlier_distances`` ``(B_o, K, *feature_spatial_o)``.
         """
-        self._check_input(images)
-        with self._capture(stop=False):
-            logits = self.backbone(images)
-        distances = self.distances(self._take_captured())
+        logits, features = self.forward_capturing(images)
+        distances = self.distances(features)
         outlier_distances = None
         if outliers is not None:
             with self._outlier_normalisation():
