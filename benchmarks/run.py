@@ -313,6 +313,9 @@ def main(argv=None) -> int:
         "--full", action="store_const", const="full", dest="preset", help="the real table (about an hour)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    parser.add_argument(
+        "--epochs", type=int, help="override the preset's training epochs (e.g. a smoke test)"
+    )
     parser.add_argument("--output", type=Path, help="results folder (default: benchmarks/results/<preset>)")
     parser.add_argument(
         "--work-dir",
@@ -321,6 +324,8 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
+    if args.epochs is not None:
+        preset["epochs"] = args.epochs
     seeds = args.seeds or preset["seeds"]
     output = args.output or Path(__file__).parent / "results" / args.preset
     import monai
