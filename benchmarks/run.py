@@ -141,7 +141,9 @@ def _build_detectors(data, preset, prep, seed, out) -> tuple[dict[str, tuple], d
         "ensemble": (EnsembleDetector(members), members[0]),
         "FCDD": (FCDDDetector(fcdd_net), fcdd_net),
         "Mahalanobis": (MahalanobisDetector(plain.backbone).fit(data["train"]), plain.backbone),
-        "MECAM": (MECAMDetector(plain.backbone), plain.backbone),
+        # the issue defines the score as how much the encoder features change (larger = more OOD); the
+        # MECAM abstract hypothesises the opposite (ood_if="smaller_change", the class default)
+        "MECAM": (MECAMDetector(plain.backbone, ood_if="larger_change"), plain.backbone),
         "autoencoder": (autoencoder, plain.backbone),
     }
     facts["dice"] = {}
