@@ -97,17 +97,45 @@ def _train_segmenter(name, data, preset, prep, seed, out, lambda_out, network_kw
     return load_model(result.best_checkpoint, device="cpu").net, steps
 
 
+def _assemble(
+    head, plain, dropout, members, fcdd_net, autoencoder, train_items, preset, seed
+) -> dict[str, tuple]:
+    """{method: (detector, the segmentation network whose failures it should predict)}."""
+    from monai_ood.detectors import (
+        EnergyDetector,
+        EnsembleDetector,
+        EntropyDetector,
+        FCDDDetector,
+        MahalanobisDetector,
+        MaxSoftmaxDetector,
+        MCDropoutDetector,
+        MECAMDetector,
+    )
+
+    detectors = {
+        "prototype head": (PrototypeDetector(head), head.backbone),
+        "MSP": (MaxSoftmaxDetector(plain.backbone), plain.backbone),
+        "entropy": (EntropyDetector(plain.backbone), plain.backbone),
+        "energy": (EnergyDetector(plain.backbone), plain.backbone),
+        "MC dropout": (
+            MCDropoutDetector(dropout.backbone, num_passes=preset["mc_passes"], seed=seed),
+            dropout.backbone,
+        ),
+        "ensemble": (EnsembleDetector(members), members[0]),
+        "FCDD": (FCDDDetector(fcdd_net), fcdd_net),
+        "Mahalanobis": (MahalanobisDetector(plain.backbone).fit(train_items), plain.backbone),
+        # the issue defines the score as how much the encoder features change (larger = more OOD); the
+        # MECAM abstract hypothesises the opposite (ood_if="smaller_change", the class default)
+        "MECAM": (MECAMDetector(plain.backbone, ood_if="larger_change"), plain.backbone),
+        "autoencoder": (autoencoder, plain.backbone),
+    }
+    return detectors
+
+
 def _build_detectors(data, preset, prep, seed, out) -> tuple[dict[str, tuple], dict]:
     """Train every model; return {method: (detector, segmentation network)} and training facts."""
     from monai_ood.detectors.autoencoder import AutoencoderDetector
-    from monai_ood.detectors.energy import EnergyDetector
-    from monai_ood.detectors.ensemble import EnsembleDetector
-    from monai_ood.detectors.entropy import EntropyDetector
-    from monai_ood.detectors.fcdd import FCDDDetector, train_fcdd
-    from monai_ood.detectors.mahalanobis import MahalanobisDetector
-    from monai_ood.detectors.mc_dropout import MCDropoutDetector
-    from monai_ood.detectors.mecam import MECAMDetector
-    from monai_ood.detectors.msp import MaxSoftmaxDetector
+    from monai_ood.detectors.fcdd import train_fcdd
     from monai_ood.networks.presets import PRESETS as NETWORKS
 
     facts = {}
@@ -129,23 +157,7 @@ def _build_detectors(data, preset, prep, seed, out) -> tuple[dict[str, tuple], d
     fcdd_backbone = NETWORKS["unet"].build(2, 1, 4, **preset["network_kwargs"])
     fcdd_net = train_fcdd(fcdd_backbone, data["train"], steps=steps, seed=seed)
     autoencoder = AutoencoderDetector(steps=steps, seed=seed).fit(data["train"])
-    detectors = {
-        "prototype head": (PrototypeDetector(head), head.backbone),
-        "MSP": (MaxSoftmaxDetector(plain.backbone), plain.backbone),
-        "entropy": (EntropyDetector(plain.backbone), plain.backbone),
-        "energy": (EnergyDetector(plain.backbone), plain.backbone),
-        "MC dropout": (
-            MCDropoutDetector(dropout.backbone, num_passes=preset["mc_passes"], seed=seed),
-            dropout.backbone,
-        ),
-        "ensemble": (EnsembleDetector(members), members[0]),
-        "FCDD": (FCDDDetector(fcdd_net), fcdd_net),
-        "Mahalanobis": (MahalanobisDetector(plain.backbone).fit(data["train"]), plain.backbone),
-        # the issue defines the score as how much the encoder features change (larger = more OOD); the
-        # MECAM abstract hypothesises the opposite (ood_if="smaller_change", the class default)
-        "MECAM": (MECAMDetector(plain.backbone, ood_if="larger_change"), plain.backbone),
-        "autoencoder": (autoencoder, plain.backbone),
-    }
+    detectors = _assemble(head, plain, dropout, members, fcdd_net, autoencoder, data["train"], preset, seed)
     facts["dice"] = {}
     for name, net in (("with head", head), ("plain", plain)):
         prediction = _segment(net, np.stack([i["image"] for i in data["test"]]))
@@ -167,13 +179,37 @@ def _segment(net, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _scores(detector, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
+def _scores(detector, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     scores = [
         detector(torch.from_numpy(images[i : i + batch_size])).image_score.cpu().numpy()
         for i in range(0, len(images), batch_size)
     ]
-    return np.concatenate(scores).astype(np.float64), (time.perf_counter() - start) / len(images)
+    return np.concatenate(scores).astype(np.float64)
+
+
+def measure_costs(detectors: dict[str, tuple], plain_net, images: np.ndarray, repeats: int = 3) -> dict:
+    """Seconds per image of every method and of one plain forward pass, in one run: each warmed up once,
+    then timed in alternation (so all see the same machine load), medians over ``repeats``."""
+    runs = {"plain forward": lambda: _segment(plain_net, images)}
+    runs.update(
+        {method: (lambda d=detector: _scores(d, images)) for method, (detector, _) in detectors.items()}
+    )
+    for run in runs.values():
+        run()
+    times = defaultdict(list)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) / len(images))
+    seconds = {name: float(np.median(values)) for name, values in times.items()}
+    plain = seconds.pop("plain forward")
+    return {
+        "plain_forward_seconds_per_image": plain,
+        "methods": {
+            m: {"seconds_per_image": v, "ratio_to_plain_forward": v / plain} for m, v in seconds.items()
+        },
+    }
 
 
 def run_seed(preset: dict, seed: int, out: Path) -> dict:
@@ -192,30 +228,18 @@ def run_seed(preset: dict, seed: int, out: Path) -> dict:
     sets = defaultdict(list)
     for item in ood_items:
         sets[(item.artefact or item.name, item.category, item.severity)].append(item)
-    plain_net = detectors["MSP"][1]
-
-    def plain_forward():
-        return _segment(plain_net, ind_images)
-
-    start = time.perf_counter()
-    plain_forward()
-    plain_seconds = (time.perf_counter() - start) / len(ind_images)
-
-    results = {"facts": facts, "plain_forward_seconds_per_image": plain_seconds, "methods": {}}
+    costs = measure_costs(detectors, detectors["MSP"][1], ind_images)
+    results = {"facts": facts, "costs": costs, "methods": {}}
     clean = np.stack([i["image"] for i in artefact_base]).astype(np.float32)
     clean_labels = np.stack([i["label"][0] for i in artefact_base])
     for method, (detector, segmenter) in detectors.items():
-        ind_scores, seconds = _scores(detector, ind_images)
-        row = {
-            "seconds_per_image": seconds,
-            "time_ratio_to_plain_forward": seconds / plain_seconds,
-            "sets": {},
-        }
+        ind_scores = _scores(detector, ind_images)
+        row = {"time_ratio_to_plain_forward": costs["methods"][method]["ratio_to_plain_forward"], "sets": {}}
         by_artefact = defaultdict(lambda: ([], [], [], []))  # scores, severities, images, labels
-        clean_scores, _ = _scores(detector, clean)
+        clean_scores = _scores(detector, clean)
         for (name, category, severity), items in sorted(sets.items(), key=lambda kv: str(kv[0])):
             images = np.stack([i.image for i in items]).astype(np.float32)
-            scores, _ = _scores(detector, images)
+            scores = _scores(detector, images)
             key = name if severity is None else f"{name} severity {severity}"
             row["sets"][key] = {"category": category, "n": len(items), **ood_metrics(ind_scores, scores)}
             if severity is not None:
@@ -247,6 +271,43 @@ def run_seed(preset: dict, seed: int, out: Path) -> dict:
         row["mean"] = {m: float(np.mean([v[m] for v in row["sets"].values()])) for m in METRICS}
         results["methods"][method] = row
     return results
+
+
+def timing_only(preset: dict, seed: int) -> dict:
+    """:func:`measure_costs` with untrained models of exactly the benchmark's architectures: the cost of
+    a method does not depend on its weights, so every method is timed in one run in about a minute."""
+    from monai_ood.detectors import AutoencoderDetector, FCDDNet
+    from monai_ood.networks import create_prototype_network
+
+    prep = SlicePreprocessing(**preset["preprocessing"])
+    data = load_brain_dataset(preprocessing=prep)
+    torch.manual_seed(seed)
+
+    def network(**extra):
+        kwargs = {**preset["network_kwargs"], **extra}
+        return create_prototype_network(
+            "unet", 2, 1, 4, preset["head_channels"], network_kwargs=kwargs
+        ).eval()
+
+    head, plain, dropout = network(), network(), network(dropout=0.2)
+    members = [plain.backbone] + [network().backbone for _ in range(1, preset["ensemble_members"])]
+    fcdd_net = FCDDNet(network().backbone).eval()
+    autoencoder = AutoencoderDetector(steps=0, seed=seed).fit(data["train"])
+    detectors = _assemble(head, plain, dropout, members, fcdd_net, autoencoder, data["train"], preset, seed)
+    test = data["test"]
+    images = np.stack([i["image"] for i in list(test) + list(brain_test_variants(test, seed=seed))]).astype(
+        np.float32
+    )
+    return measure_costs(detectors, plain.backbone, images)
+
+
+def timing_markdown(costs: dict, command: str) -> str:
+    lines = [f"Cost per image as a ratio to one plain forward pass (`{command}`; one run, medians of 3):", ""]
+    lines += ["| method | seconds / image | ratio to plain forward |", "|---|---|---|"]
+    lines.append(f"| plain forward | {costs['plain_forward_seconds_per_image']:.4f} | 1.000 |")
+    for method, row in costs["methods"].items():
+        lines.append(f"| {method} | {row['seconds_per_image']:.4f} | {row['ratio_to_plain_forward']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _mean_std(values) -> str:
@@ -282,12 +343,12 @@ def markdown(report: dict) -> str:
         cells += [_mean_std([np.mean(list(r["severity_spearman"].values())) for r in rows])]
         cells += [_mean_std([r["time_ratio_to_plain_forward"] for r in rows])]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Dice (CSF / GM / WM mean) on the InD test slices: with head "
-        + _mean_std([r["facts"]["dice"]["with head"]["mean"] for r in runs]),
-    ]
-    lines[-1] += ", plain " + _mean_std([r["facts"]["dice"]["plain"]["mean"] for r in runs]) + "."
+    lines += ["", "Dice on the InD test slices (segmentation with and without the head):", ""]
+    lines += ["| network | " + " | ".join(CLASS_NAMES[1:]) + " | mean |", "|---" * len(CLASS_NAMES) + "|---|"]
+    for network in ("with head", "plain"):
+        dice = [r["facts"]["dice"][network] for r in runs]
+        cells = [_mean_std([d["per_class"][c] for d in dice]) for c in CLASS_NAMES[1:]]
+        lines.append(f"| {network} | " + " | ".join(cells + [_mean_std([d["mean"] for d in dice])]) + " |")
     lines += [
         "",
         "Per OOD set (AUROC, first seed):",
@@ -305,6 +366,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rewrite_markdown(results_json: Path) -> None:
+    """Regenerate ``results.md`` beside a ``results.json`` (the table layout may change after a run)."""
+    report = json.loads(Path(results_json).read_text(encoding="utf-8"))
+    atomic_write_text(Path(results_json).with_suffix(".md"), markdown(report), overwrite=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
@@ -317,6 +384,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     parser.add_argument(
         "--epochs", type=int, help="override the preset's training epochs (e.g. a smoke test)"
+    )
+    parser.add_argument(
+        "--timing-only", action="store_true", help="only time every method (untrained models) -> timing.json"
     )
     parser.add_argument("--output", type=Path, help="results folder (default: benchmarks/results/<preset>)")
     parser.add_argument(
@@ -344,6 +414,16 @@ def main(argv=None) -> int:
         },
         "runs": {},
     }
+    if args.timing_only:
+        costs = timing_only(preset, seeds[0])
+        command = report["command"]
+        atomic_write_text(
+            output / "timing.json",
+            json.dumps({"command": command, "seed": seeds[0], **costs}, indent=2),
+            overwrite=True,
+        )
+        print(timing_markdown(costs, command))
+        return 0
     work = args.work_dir or Path("outputs") / "benchmarks" / args.preset
     for seed in seeds:
         print(f"== seed {seed}", flush=True)
