@@ -315,7 +315,8 @@ def _mean_std(values) -> str:
     return f"{values.mean():.3f}" if values.size == 1 else f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, timing: dict | None = None) -> str:
+    """The tables; with ``timing`` (a ``timing.json``), its cost ratios replace the per-run ones."""
     seeds = report["seeds"]
     runs = [report["runs"][str(s)] for s in seeds]
     methods = list(runs[0]["methods"])
@@ -329,7 +330,9 @@ def markdown(report: dict) -> str:
     lines += [
         "| method | "
         + " | ".join(f"AUROC {c}" for c in categories)
-        + " | mean AUROC | mean FPR@95TPR | AURC | severity ρ (mean) | time / plain fwd |"
+        + " | mean AUROC | mean FPR@95TPR | AURC | severity ρ (mean) | time / plain fwd"
+        + (" (timing.json)" if timing is not None else "")
+        + " |"
     ]
     lines += ["|---" * (len(categories) + 6) + "|"]
     for method in methods:
@@ -341,7 +344,10 @@ def markdown(report: dict) -> str:
         ]
         cells += [_mean_std([r["failure"]["aurc"] for r in rows])]
         cells += [_mean_std([np.mean(list(r["severity_spearman"].values())) for r in rows])]
-        cells += [_mean_std([r["time_ratio_to_plain_forward"] for r in rows])]
+        if timing is not None:
+            cells += [f"{timing['methods'][method]['ratio_to_plain_forward']:.2f}"]
+        else:
+            cells += [_mean_std([r["time_ratio_to_plain_forward"] for r in rows])]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Dice on the InD test slices (segmentation with and without the head):", ""]
     lines += ["| network | " + " | ".join(CLASS_NAMES[1:]) + " | mean |", "|---" * len(CLASS_NAMES) + "|---|"]
@@ -369,7 +375,12 @@ def markdown(report: dict) -> str:
 def rewrite_markdown(results_json: Path) -> None:
     """Regenerate ``results.md`` beside a ``results.json`` (the table layout may change after a run)."""
     report = json.loads(Path(results_json).read_text(encoding="utf-8"))
-    atomic_write_text(Path(results_json).with_suffix(".md"), markdown(report), overwrite=True)
+    timing_path = Path(results_json).with_name("timing.json")
+    timing = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.exists() else None
+    text = markdown(report, timing)
+    if timing is not None:
+        text += "\n" + timing_markdown(timing, timing["command"])
+    atomic_write_text(Path(results_json).with_suffix(".md"), text, overwrite=True)
 
 
 def main(argv=None) -> int:
