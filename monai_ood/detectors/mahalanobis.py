@@ -11,26 +11,12 @@ from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from ..networks.presets import feature_layer_for
-from ..networks.prototype_net import PrototypeOODNet
+from ..networks.prototype_net import PrototypeOODNet, encode_until
 from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, module_device, to_input_size
 
 __all__ = ["MahalanobisDetector"]
 
 _ADAPTIVE_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
-
-
-class _ReachedLayer(Exception):
-    """Raised from the forward hook to end the pass once the encoder features are captured."""
-
-
-def _first_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        f"the hooked layer must output a tensor (or a tuple starting with one), got {type(output)}"
-    )
 
 
 def _cholesky(covariance: torch.Tensor) -> torch.Tensor:
@@ -127,23 +113,10 @@ class MahalanobisDetector(Detector):
     # -- features ---------------------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Output of the hooked layer for ``images`` ``(B, C, *spatial)``, from an encoder-only pass."""
-        captured: list[torch.Tensor] = []
-
-        def hook(module, inputs, output):
-            captured.append(_first_tensor(output))
-            raise _ReachedLayer
-
-        handle = self._module.register_forward_hook(hook)
-        try:
-            with eval_mode(self.network):
-                self.network(images.to(module_device(self.network, images.device)))
-        except _ReachedLayer:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"the layer {self.layer!r} was not called during the forward pass")
-        return captured[0]
+        with eval_mode(self.network):
+            return encode_until(
+                self.network, self._module, images.to(module_device(self.network, images.device))
+            )
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S)`` features to ``(B, D)`` vectors: global (``pool_size=1``) or adaptive average pooling."""

@@ -66,6 +66,35 @@ def _first_tensor(output) -> torch.Tensor:
     )
 
 
+def encode_until(network: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``layer`` (a submodule of ``network``) from a forward pass that stops there.
+
+    A temporary forward hook captures the output and raises, so the rest of the network (the decoder)
+    never runs; the hook is removed afterwards, even on error.
+
+    Raises:
+        RuntimeError: if ``layer`` was not called by ``network``'s forward pass.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        captured.append(_first_tensor(output))
+        raise _ReachedHookedLayer
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        network(x)
+    except _ReachedHookedLayer:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(
+            f"{type(layer).__name__} was not called during {type(network).__name__}'s forward pass"
+        )
+    return captured[0]
+
+
 def infer_feature_channels(module: nn.Module) -> int:
     """Guess the channel count a module outputs from its last convolution or normalisation layer.
 
