@@ -36,9 +36,12 @@ from monai_ood.detectors import PrototypeDetector
 from monai_ood.engines.checkpoint import load_model
 from monai_ood.engines.training import TrainingConfig, train
 from monai_ood.evaluation import (
+    OOD_METRICS,
+    category_means,
     dice_per_class,
     dice_per_image,
     ood_metrics,
+    ood_set_name,
     risk_coverage,
     severity_correlation,
 )
@@ -70,7 +73,6 @@ PRESETS = {
     },
 }
 CLASS_NAMES = ["background", "CSF", "grey matter", "white matter"]
-METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 
 
 def _train_segmenter(name, data, preset, prep, seed, out, lambda_out, network_kwargs=None, progress=False):
@@ -227,7 +229,7 @@ def run_seed(preset: dict, seed: int, out: Path) -> dict:
     ind_images = np.stack([i["image"] for i in ind_items]).astype(np.float32)
     sets = defaultdict(list)
     for item in ood_items:
-        sets[(item.artefact or item.name, item.category, item.severity)].append(item)
+        sets[ood_set_name(item)].append(item)
     costs = measure_costs(detectors, detectors["MSP"][1], ind_images)
     results = {"facts": facts, "costs": costs, "methods": {}}
     clean = np.stack([i["image"] for i in artefact_base]).astype(np.float32)
@@ -237,13 +239,17 @@ def run_seed(preset: dict, seed: int, out: Path) -> dict:
         row = {"time_ratio_to_plain_forward": costs["methods"][method]["ratio_to_plain_forward"], "sets": {}}
         by_artefact = defaultdict(lambda: ([], [], [], []))  # scores, severities, images, labels
         clean_scores = _scores(detector, clean)
-        for (name, category, severity), items in sorted(sets.items(), key=lambda kv: str(kv[0])):
+        for key, items in sorted(sets.items()):
             images = np.stack([i.image for i in items]).astype(np.float32)
             scores = _scores(detector, images)
-            key = name if severity is None else f"{name} severity {severity}"
-            row["sets"][key] = {"category": category, "n": len(items), **ood_metrics(ind_scores, scores)}
-            if severity is not None:
-                bucket = by_artefact[name]
+            row["sets"][key] = {
+                "category": items[0].category,
+                "n": len(items),
+                **ood_metrics(ind_scores, scores),
+            }
+            severity = items[0].severity
+            if items[0].artefact is not None:
+                bucket = by_artefact[items[0].artefact]
                 bucket[0].extend(scores)
                 bucket[1].extend([severity] * len(items))
                 bucket[2].extend(images)
@@ -261,14 +267,8 @@ def run_seed(preset: dict, seed: int, out: Path) -> dict:
             _segment(segmenter, np.stack(failure_images).astype(np.float32)), np.stack(failure_labels), 4
         )
         row["failure"] = risk_coverage(failure_scores, risks)
-        categories = defaultdict(list)
-        for values in row["sets"].values():
-            categories[values["category"]].append(values)
-        row["categories"] = {
-            c: {m: float(np.mean([v[m] for v in vs])) for m in METRICS}
-            for c, vs in sorted(categories.items())
-        }
-        row["mean"] = {m: float(np.mean([v[m] for v in row["sets"].values()])) for m in METRICS}
+        row["categories"] = category_means(row["sets"])
+        row["mean"] = {m: float(np.mean([v[m] for v in row["sets"].values()])) for m in OOD_METRICS}
         results["methods"][method] = row
     return results
 

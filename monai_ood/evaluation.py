@@ -21,6 +21,27 @@ __all__ = [
 ]
 
 
+OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+
+
+def ood_set_name(item) -> str:
+    """The OOD set an :class:`~monai_ood.data.ood_sources.OODItem` belongs to: its source name, or
+    ``"<artefact> severity <s>"`` for the artefact versions of InD test slices."""
+    return item.name if item.artefact is None else f"{item.artefact} severity {item.severity}"
+
+
+def category_means(sets: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per category (C1, C2, C3), the mean of each of :data:`OOD_METRICS` over its sets; ``sets`` maps a
+    set name to a row with ``category`` and the metrics."""
+    by_category = defaultdict(list)
+    for row in sets.values():
+        by_category[row["category"]].append(row)
+    return {
+        category: {metric: float(np.mean([row[metric] for row in rows])) for metric in OOD_METRICS}
+        for category, rows in sorted(by_category.items())
+    }
+
+
 def ood_metrics(ind_scores, ood_scores) -> dict[str, float]:
     """AUROC, FPR@95TPR, AUPR-IN and AUPR-OUT with OOD as the positive class.
 
@@ -123,16 +144,12 @@ def evaluate_checkpoint(checkpoint, cache_dir=None, device=None, seed: int = 0, 
     ood_items = load_ood_sets(test, preprocessing=loaded.preprocessing, seed=seed)
     by_set = defaultdict(list)
     for item in ood_items:
-        name = item.name if item.artefact is None else f"{item.artefact} severity {item.severity}"
-        by_set[(name, item.category)].append(item.image)
+        by_set[(ood_set_name(item), item.category)].append(item.image)
     sets = {}
     for (name, category), images in sorted(by_set.items()):
         scores = run(np.stack(images))["image_score"]
         sets[name] = {"category": category, "n": len(images), "mean_score": float(scores.mean())}
         sets[name].update(ood_metrics(ind["image_score"], scores))
-    categories = defaultdict(list)
-    for row in sets.values():
-        categories[row["category"]].append(row)
     return {
         "checkpoint": str(checkpoint),
         "seed": seed,
@@ -148,11 +165,5 @@ def evaluate_checkpoint(checkpoint, cache_dir=None, device=None, seed: int = 0, 
             "mean_foreground": float(np.nanmean(dice)),
         },
         "ood_sets": sets,
-        "categories": {
-            category: {
-                metric: float(np.mean([row[metric] for row in rows]))
-                for metric in ("auroc", "fpr95", "aupr_in", "aupr_out")
-            }
-            for category, rows in sorted(categories.items())
-        },
+        "categories": category_means(sets),
     }
