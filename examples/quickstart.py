@@ -21,6 +21,7 @@ from monai.utils import set_determinism
 from tqdm import trange
 
 from monai_ood.calibration import WeibullCalibrator
+from monai_ood.evaluation import dice_per_class
 from monai_ood.losses import SegOODLoss
 from monai_ood.networks import PrototypeOODNet
 from monai_ood.transforms import OutlierSynthesis
@@ -109,14 +110,8 @@ def main() -> None:
             a_xi = calibrator.transform(ood.score_map_upsampled)
             dice = ""
             if name == "InD test":
-                pred = logits.argmax(1, keepdim=True).cpu()
-                per_class = [
-                    2
-                    * ((pred == k) & (test_labels == k)).sum()
-                    / ((pred == k).sum() + (test_labels == k).sum())
-                    for k in (1, 2, 3)
-                ]
-                dice = f"{float(torch.stack(per_class).mean()):.3f}"
+                prediction = logits.argmax(1).cpu().numpy()
+                dice = f"{np.nanmean(dice_per_class(prediction, test_labels[:, 0].numpy(), 4)):.3f}"
             score = ood.image_score.cpu()
             print(
                 f"{name:<20}{float(score.mean()):>9.1f} ±{float(score.std()):<5.1f}{float(a_xi.mean()):>10.3f}{dice:>12}"
