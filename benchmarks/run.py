@@ -75,8 +75,11 @@ PRESETS = {
 CLASS_NAMES = ["background", "CSF", "grey matter", "white matter"]
 
 
-def _train_segmenter(name, data, preset, prep, seed, out, lambda_out, network_kwargs=None, progress=False):
+def _train_segmenter(
+    name, data, preset, prep, seed, out, lambda_out, network_kwargs=None, progress=False, head_config="paper"
+):
     config = TrainingConfig(
+        head_config=head_config,
         network_kwargs={**preset["network_kwargs"], **(network_kwargs or {})},
         head_channels=preset["head_channels"],
         lambda_out=lambda_out,
@@ -99,8 +102,18 @@ def _train_segmenter(name, data, preset, prep, seed, out, lambda_out, network_kw
     return load_model(result.best_checkpoint, device="cpu").net, steps
 
 
+def _fit_posthoc_terms(net, data, batch_size: int = 32) -> None:
+    """What ``train`` + ``calibrate`` do after training: the Gaussian term and, with several terms,
+    their Weibull hazards on the validation images (``train`` already refitted the saved model)."""
+    if net.term_weibull is not None:
+        val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+        net.fit_score_combination(
+            torch.from_numpy(val[i : i + batch_size]) for i in range(0, len(val), batch_size)
+        )
+
+
 def _assemble(
-    head, plain, dropout, members, fcdd_net, autoencoder, train_items, preset, seed
+    head, plain, dropout, members, fcdd_net, autoencoder, train_items, preset, seed, improved=None
 ) -> dict[str, tuple]:
     """{method: (detector, the segmentation network whose failures it should predict)}."""
     from monai_ood.detectors import (
@@ -116,6 +129,7 @@ def _assemble(
 
     detectors = {
         "prototype head": (PrototypeDetector(head), head.backbone),
+        "prototype head (default)": (PrototypeDetector(improved), improved.backbone),
         "MSP": (MaxSoftmaxDetector(plain.backbone), plain.backbone),
         "entropy": (EntropyDetector(plain.backbone), plain.backbone),
         "energy": (EnergyDetector(plain.backbone), plain.backbone),
@@ -145,6 +159,10 @@ def _build_detectors(data, preset, prep, seed, out) -> tuple[dict[str, tuple], d
     head, steps = _train_segmenter("head", data, preset, prep, seed, out, lambda_out=0.1)
     facts["train_seconds_head"] = time.perf_counter() - start
     start = time.perf_counter()
+    improved, _ = _train_segmenter("head_default", data, preset, prep, seed, out, 0.1, head_config="default")
+    facts["train_seconds_head_default"] = time.perf_counter() - start
+    _fit_posthoc_terms(improved, data)
+    start = time.perf_counter()
     plain, _ = _train_segmenter("plain", data, preset, prep, seed, out, lambda_out=0.0)
     facts["train_seconds_plain"] = time.perf_counter() - start
     facts["steps"] = steps
@@ -159,9 +177,11 @@ def _build_detectors(data, preset, prep, seed, out) -> tuple[dict[str, tuple], d
     fcdd_backbone = NETWORKS["unet"].build(2, 1, 4, **preset["network_kwargs"])
     fcdd_net = train_fcdd(fcdd_backbone, data["train"], steps=steps, seed=seed)
     autoencoder = AutoencoderDetector(steps=steps, seed=seed).fit(data["train"])
-    detectors = _assemble(head, plain, dropout, members, fcdd_net, autoencoder, data["train"], preset, seed)
+    detectors = _assemble(
+        head, plain, dropout, members, fcdd_net, autoencoder, data["train"], preset, seed, improved
+    )
     facts["dice"] = {}
-    for name, net in (("with head", head), ("plain", plain)):
+    for name, net in (("with head", head), ("with default head", improved), ("plain", plain)):
         prediction = _segment(net, np.stack([i["image"] for i in data["test"]]))
         dice = dice_per_class(prediction, np.stack([i["label"][0] for i in data["test"]]), 4)
         facts["dice"][name] = {
@@ -214,6 +234,51 @@ def measure_costs(detectors: dict[str, tuple], plain_net, images: np.ndarray, re
     }
 
 
+def ood_sets_of(items) -> dict[str, list]:
+    """OOD items grouped by set name."""
+    sets = defaultdict(list)
+    for item in items:
+        sets[ood_set_name(item)].append(item)
+    return sets
+
+
+def evaluate_detector(detector, segmenter, ind_images: np.ndarray, sets: dict, artefact_base) -> dict:
+    """Every column of one method: per-set and per-category OOD metrics, severity rho per artefact, and
+    risk-coverage (AURC) of the segmenter's failures on the clean and artefact images."""
+    ind_scores = _scores(detector, ind_images)
+    row = {"sets": {}}
+    by_artefact = defaultdict(lambda: ([], [], [], []))  # scores, severities, images, labels
+    clean = np.stack([i["image"] for i in artefact_base]).astype(np.float32)
+    clean_labels = np.stack([i["label"][0] for i in artefact_base])
+    clean_scores = _scores(detector, clean)
+    for key, items in sorted(sets.items()):
+        images = np.stack([i.image for i in items]).astype(np.float32)
+        scores = _scores(detector, images)
+        row["sets"][key] = {"category": items[0].category, "n": len(items), **ood_metrics(ind_scores, scores)}
+        if items[0].artefact is not None:
+            bucket = by_artefact[items[0].artefact]
+            bucket[0].extend(scores)
+            bucket[1].extend([items[0].severity] * len(items))
+            bucket[2].extend(images)
+            bucket[3].extend(i.label[0] for i in items)
+    row["severity_spearman"] = {}
+    failure_scores, failure_images, failure_labels = list(clean_scores), list(clean), list(clean_labels)
+    for name, (scores, severities, images, labels) in sorted(by_artefact.items()):
+        row["severity_spearman"][name] = severity_correlation(
+            list(clean_scores) + scores, [0] * len(clean) + severities
+        )
+        failure_scores += scores
+        failure_images += images
+        failure_labels += labels
+    risks = 1.0 - dice_per_image(
+        _segment(segmenter, np.stack(failure_images).astype(np.float32)), np.stack(failure_labels), 4
+    )
+    row["failure"] = risk_coverage(failure_scores, risks)
+    row["categories"] = category_means(row["sets"])
+    row["mean"] = {m: float(np.mean([v[m] for v in row["sets"].values()])) for m in OOD_METRICS}
+    return row
+
+
 def run_seed(preset: dict, seed: int, out: Path) -> dict:
     prep = SlicePreprocessing(**preset["preprocessing"])
     torch.manual_seed(seed)
@@ -227,48 +292,12 @@ def run_seed(preset: dict, seed: int, out: Path) -> dict:
     detectors, facts = _build_detectors(data, preset, prep, seed, out / f"seed{seed}")
 
     ind_images = np.stack([i["image"] for i in ind_items]).astype(np.float32)
-    sets = defaultdict(list)
-    for item in ood_items:
-        sets[ood_set_name(item)].append(item)
+    sets = ood_sets_of(ood_items)
     costs = measure_costs(detectors, detectors["MSP"][1], ind_images)
     results = {"facts": facts, "costs": costs, "methods": {}}
-    clean = np.stack([i["image"] for i in artefact_base]).astype(np.float32)
-    clean_labels = np.stack([i["label"][0] for i in artefact_base])
     for method, (detector, segmenter) in detectors.items():
-        ind_scores = _scores(detector, ind_images)
-        row = {"time_ratio_to_plain_forward": costs["methods"][method]["ratio_to_plain_forward"], "sets": {}}
-        by_artefact = defaultdict(lambda: ([], [], [], []))  # scores, severities, images, labels
-        clean_scores = _scores(detector, clean)
-        for key, items in sorted(sets.items()):
-            images = np.stack([i.image for i in items]).astype(np.float32)
-            scores = _scores(detector, images)
-            row["sets"][key] = {
-                "category": items[0].category,
-                "n": len(items),
-                **ood_metrics(ind_scores, scores),
-            }
-            severity = items[0].severity
-            if items[0].artefact is not None:
-                bucket = by_artefact[items[0].artefact]
-                bucket[0].extend(scores)
-                bucket[1].extend([severity] * len(items))
-                bucket[2].extend(images)
-                bucket[3].extend(i.label[0] for i in items)
-        row["severity_spearman"] = {}
-        failure_scores, failure_images, failure_labels = list(clean_scores), list(clean), list(clean_labels)
-        for name, (scores, severities, images, labels) in sorted(by_artefact.items()):
-            row["severity_spearman"][name] = severity_correlation(
-                list(clean_scores) + scores, [0] * len(clean) + severities
-            )
-            failure_scores += scores
-            failure_images += images
-            failure_labels += labels
-        risks = 1.0 - dice_per_image(
-            _segment(segmenter, np.stack(failure_images).astype(np.float32)), np.stack(failure_labels), 4
-        )
-        row["failure"] = risk_coverage(failure_scores, risks)
-        row["categories"] = category_means(row["sets"])
-        row["mean"] = {m: float(np.mean([v[m] for v in row["sets"].values()])) for m in OOD_METRICS}
+        row = evaluate_detector(detector, segmenter, ind_images, sets, artefact_base)
+        row["time_ratio_to_plain_forward"] = costs["methods"][method]["ratio_to_plain_forward"]
         results["methods"][method] = row
     return results
 
@@ -290,10 +319,30 @@ def timing_only(preset: dict, seed: int) -> dict:
         ).eval()
 
     head, plain, dropout = network(), network(), network(dropout=0.2)
+    improved = create_prototype_network(
+        "unet",
+        2,
+        1,
+        4,
+        preset["head_channels"],
+        network_kwargs=preset["network_kwargs"],
+        **TrainingConfig(head_config="default").wrapper_kwargs,
+    ).eval()
+    train = data["train"][:16]
+    improved.refit(
+        [
+            (
+                torch.from_numpy(np.stack([i["image"] for i in train])),
+                torch.from_numpy(np.stack([i["label"] for i in train])),
+            )
+        ]
+    )
     members = [plain.backbone] + [network().backbone for _ in range(1, preset["ensemble_members"])]
     fcdd_net = FCDDNet(network().backbone).eval()
     autoencoder = AutoencoderDetector(steps=0, seed=seed).fit(data["train"])
-    detectors = _assemble(head, plain, dropout, members, fcdd_net, autoencoder, data["train"], preset, seed)
+    detectors = _assemble(
+        head, plain, dropout, members, fcdd_net, autoencoder, data["train"], preset, seed, improved
+    )
     test = data["test"]
     images = np.stack([i["image"] for i in list(test) + list(brain_test_variants(test, seed=seed))]).astype(
         np.float32
@@ -351,8 +400,10 @@ def markdown(report: dict, timing: dict | None = None) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Dice on the InD test slices (segmentation with and without the head):", ""]
     lines += ["| network | " + " | ".join(CLASS_NAMES[1:]) + " | mean |", "|---" * len(CLASS_NAMES) + "|---|"]
-    for network in ("with head", "plain"):
-        dice = [r["facts"]["dice"][network] for r in runs]
+    for network in ("with head", "with default head", "plain"):
+        dice = [r["facts"]["dice"][network] for r in runs if network in r["facts"]["dice"]]
+        if not dice:
+            continue
         cells = [_mean_std([d["per_class"][c] for d in dice]) for c in CLASS_NAMES[1:]]
         lines.append(f"| {network} | " + " | ".join(cells + [_mean_std([d["mean"] for d in dice])]) + " |")
     lines += [

@@ -61,8 +61,9 @@ def ood_metrics(ind_scores, ood_scores) -> dict[str, float]:
     return {
         "auroc": float(roc_auc_score(labels, scores)),
         "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
-        "aupr_in": float(average_precision_score(1 - labels, -scores)),
-        "aupr_out": float(average_precision_score(labels, scores)),
+        # AP is a weighted mean of precisions (<= 1); sklearn's summation can round to 1 + 2e-16
+        "aupr_in": min(1.0, float(average_precision_score(1 - labels, -scores))),
+        "aupr_out": min(1.0, float(average_precision_score(labels, scores))),
     }
 
 

@@ -16,21 +16,22 @@ import numpy as np
 import torch
 
 from ..calibration import WeibullCalibrator
-from .checkpoint import load_model, resolve_device, set_calibration
+from .checkpoint import load_model, resolve_device, set_calibration, set_weights
 from .training import check_items
 
-__all__ = ["calibrate", "score_map_batches"]
+__all__ = ["calibrate", "refit", "score_map_batches"]
 
 
-def _batches(items: Sequence[Mapping[str, Any]], batch_size: int) -> Iterator[np.ndarray]:
-    """Stacks of up to ``batch_size`` consecutive images of one shape (3D volumes may differ in size)."""
+def _batches(items: Sequence[Mapping[str, Any]], batch_size: int, key: str = "image") -> Iterator[np.ndarray]:
+    """Stacks of up to ``batch_size`` consecutive arrays ``item[key]`` of one shape (3D volumes may
+    differ in size)."""
     batch: list[np.ndarray] = []
     for item in items:
-        image = np.asarray(item["image"], dtype=np.float32)
-        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+        array = np.asarray(item[key], dtype=np.float32)
+        if batch and (len(batch) == batch_size or array.shape != batch[0].shape):
             yield np.stack(batch)
             batch = []
-        batch.append(image)
+        batch.append(array)
     if batch:
         yield np.stack(batch)
 
@@ -79,6 +80,35 @@ def calibrate(
             f"val_items are {summary.spatial_dims}D with {summary.in_channels} channel(s), the model in "
             f"{str(checkpoint_path)!r} takes {config['spatial_dims']}D with {config['in_channels']}"
         )
+    if getattr(loaded.net, "term_weibull", None) is not None:
+        # several image-score terms: their Weibull hazards are fitted on the same validation images
+        loaded.net.fit_score_combination(
+            torch.from_numpy(images).to(device) for images in _batches(val_items, batch_size)
+        )
+        set_weights(checkpoint_path, loaded.net)
     calibrator = WeibullCalibrator().fit(score_map_batches(loaded.net, val_items, batch_size, device))
     set_calibration(checkpoint_path, calibrator)
     return calibrator
+
+
+def refit(
+    checkpoint_path: str | os.PathLike,
+    train_items: Sequence[Mapping[str, Any]],
+    prototypes: bool = True,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+) -> None:
+    """Post-hoc fitting on the training images, stored in the checkpoint: the Gaussian term (if the
+    network has one) and, with ``prototypes``, class-conditional means and variances of every prototype
+    (:meth:`~monai_ood.networks.PrototypeOODNet.refit`).
+
+    Raises:
+        FileNotFoundError, ValueError: for a missing or invalid checkpoint or invalid items.
+    """
+    check_items(train_items, "train_items", need_label=True)
+    device = resolve_device(device)
+    loaded = load_model(checkpoint_path, device=device)
+
+    pairs = zip(_batches(train_items, batch_size), _batches(train_items, batch_size, "label"), strict=True)
+    loaded.net.refit(((torch.from_numpy(x), torch.from_numpy(y)) for x, y in pairs), prototypes=prototypes)
+    set_weights(checkpoint_path, loaded.net)

@@ -66,6 +66,7 @@ __all__ = [
     "save_model",
     "save_training_state",
     "set_calibration",
+    "set_weights",
 ]
 
 MODEL_FORMAT = "monai-ood-model"
@@ -370,6 +371,23 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         metrics=dict(data.get("metrics") or {}),
         path=Path(path),
     )
+
+
+def set_weights(path: str | os.PathLike, net: nn.Module) -> Path:
+    """Replace the weights (state dict) in the model checkpoint at ``path`` (rewritten atomically), e.g.
+    after post-hoc fitting of the prototypes; everything else in the file is kept.
+
+    Raises:
+        FileNotFoundError, ValueError: if ``path`` is missing or not a monai-ood model checkpoint, or if
+            ``net``'s state dict does not match the stored one's keys and shapes.
+    """
+    data = _load_dict(path, MODEL_FORMAT)
+    state = cpu_state_dict(net)
+    stored = data["state_dict"]
+    if set(state) != set(stored) or any(state[k].shape != stored[k].shape for k in state):
+        raise ValueError(f"set_weights: the network does not match the one stored in {str(path)!r}")
+    data["state_dict"] = state
+    return _atomic_save(data, path)
 
 
 def set_calibration(path: str | os.PathLike, calibrator: WeibullCalibrator | None) -> Path:

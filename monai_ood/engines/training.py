@@ -74,7 +74,7 @@ from ..losses import SegOODLoss
 from ..networks.presets import PRESETS
 from ..preprocessing import SlicePreprocessing, VolumePreprocessing
 from ..transforms import OutlierSynthesisd, affine_augmentation
-from ..transforms.outlier_synthesis import DEFAULT_OPS
+from ..transforms.outlier_synthesis import LOCAL_OPS, PAPER_OPS
 from .checkpoint import (
     build_network,
     capture_rng_state,
@@ -133,6 +133,33 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+#: Head configurations: ``paper`` is Cho et al. (2023) exactly as published; ``default`` is this project's
+#: improved head (chosen on the validation split and training outliers only, see the README).
+HEAD_CONFIGS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "extra_layers": 0,
+        "global_head": False,
+        "gaussian_term": False,
+        "aggregation": "mean",
+        "class_balanced": False,
+        "refit": False,
+        "select_by": "dice",
+        "outlier_ops": PAPER_OPS,
+    },
+    "default": {
+        "extra_layers": 2,
+        "global_head": True,
+        "gaussian_term": True,
+        "aggregation": "mean",
+        "class_balanced": True,
+        "refit": False,
+        "select_by": "last",
+        "outlier_ops": PAPER_OPS + LOCAL_OPS,
+    },
+}
+SELECT_BY = ("dice", "last")
+
+
 @dataclass
 class TrainingConfig:
     """Settings of one training run (defaults follow the paper where it gives a value).
@@ -154,7 +181,18 @@ class TrainingConfig:
             cycles end at epochs 10, 30, 70, 150, so the paper's 150 epochs end at a cycle's low point.
         rotate_degrees: maximum rotation of the augmentation (paper: 15).
         translate_pixels: maximum translation in pixels (paper: 10).
-        outlier_ops: operations of :class:`~monai_ood.transforms.OutlierSynthesis`; ``None`` = all six.
+        head_config: ``"default"`` (this project's head) or ``"paper"`` (as published); fills every
+            option below that is left at ``None`` (see :data:`HEAD_CONFIGS`).
+        extra_layers: multi-scale heads: number of extra (finer) encoder stages, or their names.
+        global_head: add the image-level prototype on pooled bottleneck features.
+        gaussian_term: add the post-hoc Gaussian on pooled bottleneck features (fitted after training).
+        aggregation: image score of the local maps: ``"mean"`` (paper), ``"quantile"``, ``"foreground"``.
+        class_balanced: class-balanced inlier term of ``L_out``.
+        refit: re-estimate the prototypes from the training features after training.
+        select_by: which weights become ``model.pt``: best validation Dice (``"dice"``) or the
+            ``"last"`` epoch's (the head keeps learning after the best Dice epoch).
+        outlier_ops: operations of :class:`~monai_ood.transforms.OutlierSynthesis`.
+        outlier_op_weights: their sampling probabilities; ``None`` = uniform.
         num_classes: output classes K including background; ``None`` = ``len(class_names)`` if given,
             else the largest training/validation label + 1.
         num_workers: DataLoader worker processes (outliers are synthesised there).
@@ -177,7 +215,16 @@ class TrainingConfig:
     warm_restart_mult: int = 2
     rotate_degrees: float = 15.0
     translate_pixels: float = 10.0
+    head_config: str = "default"
+    extra_layers: int | tuple[str, ...] | None = None
+    global_head: bool | None = None
+    gaussian_term: bool | None = None
+    aggregation: str | None = None
+    class_balanced: bool | None = None
+    refit: bool | None = None
+    select_by: str | None = None
     outlier_ops: tuple[str, ...] | None = None
+    outlier_op_weights: tuple[float, ...] | None = None
     num_classes: int | None = None
     num_workers: int = 2
     seed: int = 0
@@ -187,6 +234,26 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         self.preset = look_up_option(self.preset, tuple(PRESETS))
+        self.head_config = look_up_option(self.head_config, tuple(HEAD_CONFIGS))
+        for name, value in HEAD_CONFIGS[self.head_config].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if isinstance(self.extra_layers, bool) or not isinstance(self.extra_layers, (int, Sequence)):
+            raise ValueError(f"extra_layers must be a count or layer names, got {self.extra_layers!r}")
+        if isinstance(self.extra_layers, str):
+            self.extra_layers = (self.extra_layers,)
+        elif not isinstance(self.extra_layers, int):
+            self.extra_layers = tuple(str(n) for n in self.extra_layers)
+        elif self.extra_layers < 0:
+            raise ValueError(f"extra_layers must be >= 0, got {self.extra_layers!r}")
+        for name in ("global_head", "gaussian_term", "class_balanced", "refit"):
+            setattr(self, name, bool(getattr(self, name)))
+        from ..networks.prototype_net import AGGREGATIONS
+
+        self.aggregation = look_up_option(self.aggregation, AGGREGATIONS)
+        self.select_by = look_up_option(self.select_by, SELECT_BY)
+        if self.outlier_op_weights is not None:
+            self.outlier_op_weights = tuple(float(w) for w in self.outlier_op_weights)
         if not isinstance(self.network_kwargs, Mapping):
             raise ValueError(f"network_kwargs must be a dict, got {self.network_kwargs!r}")
         self.network_kwargs = dict(self.network_kwargs)
@@ -221,6 +288,16 @@ class TrainingConfig:
         if self.device is not None and not isinstance(self.device, str):
             self.device = str(self.device)
         self.amp = bool(self.amp)
+
+    @property
+    def wrapper_kwargs(self) -> dict[str, Any]:
+        """The :class:`~monai_ood.networks.PrototypeOODNet` options of this configuration."""
+        return {
+            "extra_layers": self.extra_layers,
+            "global_head": self.global_head,
+            "gaussian_term": self.gaussian_term,
+            "aggregation": self.aggregation,
+        }
 
     @property
     def outliers_per_step(self) -> int:
@@ -278,8 +355,10 @@ def training_transforms(config: TrainingConfig, spatial_dims: int) -> Compose:
         )
     out_keys: tuple[str, ...] = keys
     if config.outliers_per_step > 0:
-        ops = DEFAULT_OPS if config.outlier_ops is None else config.outlier_ops
-        transforms += [CopyItemsd(keys="image", names="outlier"), OutlierSynthesisd(keys="outlier", ops=ops)]
+        transforms += [
+            CopyItemsd(keys="image", names="outlier"),
+            OutlierSynthesisd(keys="outlier", ops=config.outlier_ops, op_weights=config.outlier_op_weights),
+        ]
         out_keys = (*keys, "outlier")
     # Plain tensors: the batches need no metadata, and collating MetaTensors costs time in every step.
     transforms.append(EnsureTyped(keys=out_keys, track_meta=False))
@@ -459,11 +538,8 @@ def _make_train_step(loss_fn: SegOODLoss, scaler: torch.amp.GradScaler, amp: boo
         engine.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=amp):
             out = engine.network.forward_train(images, outliers)
-        # The chi-square terms of L_out need float32 even under autocast.
-        outlier_distances = None if out.outlier_distances is None else out.outlier_distances.float()
-        loss, parts = loss_fn(
-            out.logits.float(), labels, out.distances.float(), outlier_distances, return_components=True
-        )
+        # The chi-square terms of L_out need float32 even under autocast (from_train_output casts).
+        loss, parts = loss_fn.from_train_output(out, labels, return_components=True)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
@@ -778,6 +854,7 @@ def train(
         num_classes,
         config.head_channels,
         config.network_kwargs,
+        config.wrapper_kwargs,
     )
 
     # Everything below is built identically for a fresh and a resumed run; a resumed run then loads its
@@ -816,7 +893,7 @@ def train(
         optimizer, T_0=config.warm_restart_epochs, T_mult=config.warm_restart_mult
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    loss_fn = SegOODLoss(net.num_dims, lambda_out=config.lambda_out)
+    loss_fn = SegOODLoss(net.num_dims, lambda_out=config.lambda_out, class_balanced=config.class_balanced)
 
     trainer = SupervisedTrainer(
         device=device,
@@ -853,6 +930,25 @@ def train(
 
     if trainer.state.epoch < config.max_epochs:
         trainer.run()
+        if config.select_by == "last":
+            last_validation = next((r for r in reversed(recorder.history) if KEY_METRIC in r), {})
+            save_model(
+                best_path,
+                net,
+                model_config,
+                preprocessing,
+                class_names=class_names,
+                metrics={
+                    KEY_METRIC: last_validation.get(KEY_METRIC),
+                    "epoch": trainer.state.epoch,
+                    "iteration": trainer.state.iteration,
+                    "selected_by": "last",
+                },
+            )
+        if config.refit or net.gaussian_term:
+            from .calibration import refit
+
+            refit(best_path, train_items, prototypes=config.refit, device=device)
     if not best_path.exists():
         # No validation ran (val_interval > max_epochs): the final weights are the only model there is.
         warnings.warn(f"no validation ran, so {best_path} holds the final weights", stacklevel=2)

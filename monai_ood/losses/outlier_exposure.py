@@ -11,7 +11,7 @@ from torch import nn
 
 from .inclusion import log_prob_exclusion, log_prob_inclusion
 
-__all__ = ["OutlierExposureLoss", "SegOODLoss", "labels_to_feature_grid"]
+__all__ = ["OutlierExposureLoss", "SegOODLoss", "class_inclusion_fractions", "labels_to_feature_grid"]
 
 
 def labels_to_feature_grid(labels: torch.Tensor, num_classes: int, size: tuple[int, ...]) -> torch.Tensor:
@@ -78,8 +78,13 @@ class OutlierExposureLoss(nn.Module):
     the outlier term is a log-sum-exp of :func:`log_prob_exclusion` (the chi-square log CDF). Both stay
     finite for any distance, where the naive form gives ``log 0``.
 
+    ``class_balanced=True`` (beyond the paper) averages ``P_I`` within each class present in an image
+    before the log and then averages the logs over those classes, so a minority class (CSF at 1/16
+    resolution) cannot be left outside its prototype while the majority classes keep the mean high.
+
     Args:
         num_dims: the chi-square degrees of freedom ``N`` = embedding size ``c_g``.
+        class_balanced: per-class inlier term (see above); ``False`` is the paper's eq. 8.
 
     Example:
         >>> loss = OutlierExposureLoss(num_dims=16)
@@ -88,11 +93,12 @@ class OutlierExposureLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, num_dims: int) -> None:
+    def __init__(self, num_dims: int, class_balanced: bool = False) -> None:
         super().__init__()
         if not isinstance(num_dims, int) or num_dims < 1:
             raise ValueError(f"num_dims must be a positive int, got {num_dims!r}")
         self.num_dims = num_dims
+        self.class_balanced = bool(class_balanced)
 
     def inlier_term(self, distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``-1/n_a sum_t log mean_ij P_I(A(x_t, y_t))`` for distances ``(B, K, *S)``."""
@@ -100,7 +106,21 @@ class OutlierExposureLoss(nn.Module):
             labels.to(distances.device), distances.shape[1], distances.shape[2:]
         )
         own_class = distances.gather(1, grid_labels.unsqueeze(1))  # A(x, y): (B, 1, *S)
-        return -_log_mean_exp(log_prob_inclusion(own_class, self.num_dims)).mean()
+        log_p = log_prob_inclusion(own_class, self.num_dims)
+        if not self.class_balanced:
+            return -_log_mean_exp(log_p).mean()
+        # log of the mean P_I within each (image, class), then the mean over the classes present
+        num_classes = distances.shape[1]
+        flat_log_p, flat_labels = log_p.flatten(1), grid_labels.flatten(1)
+        masks = F.one_hot(flat_labels, num_classes).movedim(-1, 1).bool()  # (B, K, S)
+        masked = torch.where(
+            masks, flat_log_p.unsqueeze(1), torch.full_like(flat_log_p.unsqueeze(1), -math.inf)
+        )
+        counts = masks.sum(dim=2)  # (B, K)
+        per_class = torch.logsumexp(masked, dim=2) - counts.clamp_min(1).log()
+        present = counts > 0
+        per_image = torch.where(present, per_class, torch.zeros_like(per_class)).sum(1) / present.sum(1)
+        return -per_image.mean()
 
     def outlier_term(self, outlier_distances: torch.Tensor) -> torch.Tensor:
         """``-1/n_b sum_s log(1 - mean_ij P_I(A(x_s^b)))`` for distances ``(B_o, K, *S)``."""
@@ -124,6 +144,44 @@ class OutlierExposureLoss(nn.Module):
         return loss
 
 
+def image_inclusion_term(distances: torch.Tensor, num_dims: int) -> torch.Tensor:
+    """``-mean log P_I(d)`` of image-level distances ``(B, 1, 1)`` (the global term's inlier loss)."""
+    return -log_prob_inclusion(distances.flatten(), num_dims).mean()
+
+
+def image_exclusion_term(distances: torch.Tensor, num_dims: int) -> torch.Tensor:
+    """``-mean log(1 - P_I(d))`` of image-level outlier distances (the global term's outlier loss)."""
+    return -log_prob_exclusion(distances.flatten(), num_dims).mean()
+
+
+@torch.no_grad()
+def class_inclusion_fractions(
+    distances: torch.Tensor, labels: torch.Tensor, num_dims: int, level: float = 0.95
+) -> torch.Tensor:
+    """Per class, the fraction of its feature-grid pixels whose distance to their own prototype lies
+    inside the chi-square ``level`` bound (``D <= chi2.ppf(level, N)``); NaN for an absent class.
+
+    A class near 0 has been abandoned by its prototype (the pilot's "class abandonment" pitfall).
+
+    Args:
+        distances: ``(B, K, *S)``; labels: ``(B, 1, *spatial)`` class indices (brought to ``S``).
+
+    Returns:
+        ``(K,)`` float64 tensor.
+    """
+    from scipy.stats import chi2
+
+    bound = float(chi2.ppf(level, num_dims))
+    grid = labels_to_feature_grid(labels.to(distances.device), distances.shape[1], distances.shape[2:])
+    own = distances.gather(1, grid.unsqueeze(1))[:, 0]
+    fractions = torch.full((distances.shape[1],), float("nan"), dtype=torch.float64)
+    for k in range(distances.shape[1]):
+        mask = grid == k
+        if mask.any():
+            fractions[k] = float((own[mask] <= bound).double().mean())
+    return fractions
+
+
 class SegOODLoss(nn.Module):
     """Total training loss ``L = L_seg + lambda * L_out`` (paper section 3, lambda = 0.1).
 
@@ -136,6 +194,7 @@ class SegOODLoss(nn.Module):
         num_dims: embedding size ``c_g`` of the head (``net.num_dims``).
         lambda_out: weight of ``L_out``.
         seg_loss: segmentation loss ``(logits, labels) -> scalar``; default ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+        class_balanced: class-balanced inlier term of :class:`OutlierExposureLoss`.
 
     Example:
         >>> from monai_ood.networks import create_prototype_network
@@ -145,13 +204,19 @@ class SegOODLoss(nn.Module):
         >>> loss = loss_fn(out.logits, torch.randint(0, 4, (2, 1, 64, 64)), out.distances, out.outlier_distances)
     """
 
-    def __init__(self, num_dims: int, lambda_out: float = 0.1, seg_loss: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        num_dims: int,
+        lambda_out: float = 0.1,
+        seg_loss: nn.Module | None = None,
+        class_balanced: bool = False,
+    ) -> None:
         super().__init__()
         if not (isinstance(lambda_out, (int, float)) and math.isfinite(lambda_out) and lambda_out >= 0):
             raise ValueError(f"lambda_out must be a finite number >= 0, got {lambda_out!r}")
         self.lambda_out = float(lambda_out)
         self.seg_loss = seg_loss if seg_loss is not None else DiceCELoss(to_onehot_y=True, softmax=True)
-        self.ood_loss = OutlierExposureLoss(num_dims)
+        self.ood_loss = OutlierExposureLoss(num_dims, class_balanced=class_balanced)
 
     def forward(
         self,
@@ -164,6 +229,28 @@ class SegOODLoss(nn.Module):
         """Returns the scalar loss, or ``(loss, {"seg": ..., "ood": ...})`` (detached parts) if asked."""
         seg = self.seg_loss(logits, labels)
         ood = self.ood_loss(distances, labels, outlier_distances)
+        loss = seg + self.lambda_out * ood
+        if return_components:
+            return loss, {"seg": seg.detach(), "ood": ood.detach()}
+        return loss
+
+    def from_train_output(self, out, labels: torch.Tensor, return_components: bool = False):
+        """The loss of a :class:`~monai_ood.networks.prototype_net.TrainOutput`: ``L_seg + lambda * L_out``,
+        where ``L_out`` sums eq. 8 over every local scale and the image-level terms of the global head.
+        Distances are taken in float32 (the chi-square terms need it even under autocast)."""
+
+        def as_float(x):
+            return None if x is None else x.float()
+
+        seg = self.seg_loss(out.logits.float(), labels)
+        ood = self.ood_loss(out.distances.float(), labels, as_float(out.outlier_distances))
+        outlier_extra = out.outlier_extra_distances or [None] * len(out.extra_distances)
+        for d, d_out in zip(out.extra_distances, outlier_extra, strict=True):
+            ood = ood + self.ood_loss(d.float(), labels, as_float(d_out))
+        if out.global_distances is not None:
+            ood = ood + image_inclusion_term(out.global_distances.float(), self.ood_loss.num_dims)
+            if out.outlier_global_distances is not None and out.outlier_global_distances.shape[0] > 0:
+                ood = ood + image_exclusion_term(out.outlier_global_distances.float(), self.ood_loss.num_dims)
         loss = seg + self.lambda_out * ood
         if return_components:
             return loss, {"seg": seg.detach(), "ood": ood.detach()}

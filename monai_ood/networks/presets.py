@@ -18,13 +18,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
 from monai.utils import look_up_option
 from torch import nn
 
 from .prototype_net import PrototypeOODNet
 
-__all__ = ["PRESETS", "Preset", "create_prototype_network", "feature_layer_for"]
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "create_prototype_network",
+    "encoder_stages",
+    "feature_layer_for",
+    "multiscale_layers",
+]
 
 
 def _unet_bottom(net: UNet) -> str:
@@ -99,6 +107,76 @@ PRESETS: dict[str, Preset] = {
     # DeepLabV3 is resolved lazily so that importing the presets does not build the ResNet module.
     "deeplabv3": Preset(None, _build_deeplabv3, _deeplabv3_layer),
 }
+
+
+def _unet_downs(net: UNet) -> list[str]:
+    names, name, module = [], "model", net.model
+    while isinstance(module, nn.Sequential) and len(module) == 3 and hasattr(module[1], "submodule"):
+        names.append(f"{name}.0")
+        name, module = f"{name}.1.submodule", module[1].submodule
+    return names
+
+
+def encoder_stages(network: nn.Module) -> list[str]:
+    """Names of the encoder stages of a supported network, shallow to deep, up to the bottleneck."""
+    from .deeplabv3 import DeepLabV3
+
+    if isinstance(network, UNet):
+        return [*_unet_downs(network), _unet_bottom(network)]
+    if isinstance(network, BasicUNet):
+        return ["conv_0", "down_1", "down_2", "down_3", "down_4"]
+    if isinstance(network, DynUNet):
+        return ["input_block", *(f"downsamples.{i}" for i in range(len(network.downsamples))), "bottleneck"]
+    if isinstance(network, SegResNet):
+        return [f"down_layers.{i}" for i in range(len(network.down_layers))]
+    if isinstance(network, DeepLabV3):
+        return ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
+    raise ValueError(f"no preset lists the encoder stages of {type(network).__name__}: pass layer names")
+
+
+@torch.no_grad()
+def multiscale_layers(
+    network: nn.Module, count: int, main_layer: str | None = None, probe_size: int = 64
+) -> list[str]:
+    """Up to ``count`` of the deepest encoder stages whose resolution is finer than the main layer's (one
+    per resolution, the last stage at each), shallow to deep: the layers of multi-scale heads (a shallow
+    network may have fewer).
+
+    Resolutions are read from one forward pass of a ``probe_size``-sided zero image (eval mode).
+    """
+    stages = encoder_stages(network)
+    main_layer = main_layer or feature_layer_for(network)
+    modules = dict(network.named_modules())
+    first_conv = next(m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    dims = first_conv.weight.dim() - 2
+    sizes: dict[str, int] = {}
+
+    def recorder(name: str):
+        def hook(module, inputs, output) -> None:  # must return None: a returned value replaces the output
+            sizes.setdefault(name, _numel(output))
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(recorder(n)) for n in [*stages, main_layer]]
+    was_training = network.training
+    try:
+        network.eval()
+        network(torch.zeros(1, first_conv.in_channels, *([probe_size] * dims)))
+    finally:
+        network.train(was_training)
+        for h in handles:
+            h.remove()
+    last_at = {}
+    for name in stages:  # the last stage at each resolution
+        if name in sizes and sizes[name] > sizes[main_layer]:
+            last_at[sizes[name]] = name
+    finer = [last_at[size] for size in sorted(last_at)]  # coarse (deep) to fine
+    return finer[:count][::-1]
+
+
+def _numel(output) -> int:
+    tensor = output if isinstance(output, torch.Tensor) else output[0]
+    return int(torch.Size(tensor.shape[2:]).numel())
 
 
 def feature_layer_for(network: nn.Module) -> str:

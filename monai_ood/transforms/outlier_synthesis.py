@@ -30,6 +30,9 @@ from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tenso
 from monai.utils.enums import StrEnum
 
 __all__ = [
+    "DEFAULT_OPS",
+    "LOCAL_OPS",
+    "PAPER_OPS",
     "OutlierOp",
     "OutlierSynthesis",
     "OutlierSynthesisd",
@@ -50,9 +53,20 @@ class OutlierOp(StrEnum):
     SWAP = "swap"
     GAMMA = "gamma"
     ELASTIC = "elastic"
+    # local corruptions inside a random box (beyond the paper): the rest of the image stays InD, so the
+    # score map has to localise them
+    LOCAL_SHUFFLE = "local_shuffle"
+    CUTPASTE = "cutpaste"
+    LOCAL_NOISE = "local_noise"
+    LOCAL_BLUR = "local_blur"
+    BLOB = "blob"
 
 
-DEFAULT_OPS: tuple[str, ...] = tuple(op.value for op in OutlierOp)
+#: the paper's six operations (Sec. 3.2 / 4.1), the default
+PAPER_OPS: tuple[str, ...] = ("rotate180", "vflip", "patch_permute", "swap", "gamma", "elastic")
+DEFAULT_OPS: tuple[str, ...] = PAPER_OPS
+#: the local corruptions
+LOCAL_OPS: tuple[str, ...] = ("local_shuffle", "cutpaste", "local_noise", "local_blur", "blob")
 
 
 class OutlierSynthesis(RandomizableTransform):
@@ -86,6 +100,17 @@ class OutlierSynthesis(RandomizableTransform):
       ``elastic_max_displacement`` (in voxels, along each spatial axis), TorchIO's default
       ``locked_borders=2`` and linear interpolation.
 
+    Local operations (not in the paper) change only a random box whose side along each axis is a
+    fraction in ``box_fraction`` of the image (uniform), so the outlier is mostly InD tissue and the
+    score map must localise the change. None resamples the image (no interpolation shortcut):
+
+    * ``"local_shuffle"``: the box is cut into 4-voxel tiles which are shuffled (a local jigsaw).
+    * ``"cutpaste"``: the box's content is pasted at another random position (CutPaste, Li et al. 2021).
+    * ``"local_noise"``: Gaussian noise (``torchio.RandomNoise``, std 5-20% of the image's range) in the box.
+    * ``"local_blur"``: ``torchio.RandomBlur`` (std 1-3 voxels, in-plane for 2D) of the box.
+    * ``"blob"``: a smooth Gaussian bump of ±30-100% of the image's range centred in the box (the
+      synthetic anomalies of FCDD-style training).
+
     Spatial operations act on array axes and do not touch the affine of a ``MetaTensor``: the
     outlier is a corrupted image on the same voxel grid, not a resampling, so it is not recorded as
     an invertible operation either.
@@ -114,6 +139,7 @@ class OutlierSynthesis(RandomizableTransform):
             (at least 5, since TorchIO's locked borders make 4 an identity); an int or one per axis.
         elastic_max_displacement: maximum displacement at each control point in voxels; a float or
             one per spatial axis (at least one positive).
+        box_fraction: ``(low, high)`` side of the box of the local operations, as a fraction of each axis.
         prob: probability of applying the transform at all. The paper turns every outlier image into
             an outlier, hence the default 1.0.
 
@@ -148,6 +174,7 @@ class OutlierSynthesis(RandomizableTransform):
         gamma_log_range: Sequence[float] = (0.3, 0.8),
         elastic_num_control_points: int | Sequence[int] = 7,
         elastic_max_displacement: float | Sequence[float] = 7.5,
+        box_fraction: Sequence[float] = (0.15, 0.5),
         prob: float = 1.0,
     ) -> None:
         _check_prob(prob)
@@ -200,7 +227,21 @@ class OutlierSynthesis(RandomizableTransform):
             elastic_max_displacement, "elastic_max_displacement"
         )
 
+        if (
+            isinstance(box_fraction, str)
+            or not isinstance(box_fraction, Sequence)
+            or len(box_fraction) != 2
+            or not 0 < box_fraction[0] <= box_fraction[1] <= 1
+        ):
+            raise ValueError(
+                f"box_fraction must be (low, high) with 0 < low <= high <= 1, got {box_fraction!r}"
+            )
+        self.box_fraction = (float(box_fraction[0]), float(box_fraction[1]))
+
         # Sampled state, set by randomize().
+        self.box_sides = np.full(3, 0.5)
+        self.box_starts = np.zeros(3)
+        self.paste_starts = np.zeros(3)
         self.last_op: str | None = None
         self.seed: int = 0
         self.log_gamma: float = 0.0
@@ -215,6 +256,9 @@ class OutlierSynthesis(RandomizableTransform):
         self.seed = int(self.R.randint(0, _MAX_SEED))
         sign = 1.0 if self.R.rand() < 0.5 else -1.0
         self.log_gamma = sign * float(self.R.uniform(*self.gamma_log_range))
+        self.box_sides = self.R.uniform(*self.box_fraction, size=3)
+        self.box_starts = self.R.uniform(0.0, 1.0, size=3)
+        self.paste_starts = self.R.uniform(0.0, 1.0, size=3)
         self.last_op = op if self._do_transform else None
 
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
@@ -318,7 +362,51 @@ class OutlierSynthesis(RandomizableTransform):
                 points, displacement = (*points, max(points)), (*displacement, 0.0)
             elastic = tio.RandomElasticDeformation(num_control_points=points, max_displacement=displacement)
             return _run_torchio(elastic, x, self.seed)
+        if op in LOCAL_OPS:
+            return self._apply_local(x, op)
         raise ValueError(f"unknown op {op!r}")  # unreachable: ops are checked in __init__
+
+    def _box(self, spatial: Sequence[int], starts: np.ndarray) -> tuple[slice, ...]:
+        sides = [max(2, round(f * n)) for f, n in zip(self.box_sides, spatial, strict=False)]
+        sides = [min(side, n) for side, n in zip(sides, spatial, strict=True)]
+        return tuple(
+            slice(int(u * (n - side)), int(u * (n - side)) + side)
+            for u, side, n in zip(starts, sides, spatial, strict=False)
+        )
+
+    def _apply_local(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """The local operations: change only the sampled box of ``x`` (C, *spatial)."""
+        spatial = tuple(x.shape[1:])
+        box = (slice(None), *self._box(spatial, self.box_starts))
+        out = x.clone()
+        crop = x[box]
+        value_range = float(x.max() - x.min()) or 1.0
+        if op == OutlierOp.LOCAL_SHUFFLE:
+            grid = tuple(max(1, n // 4) for n in crop.shape[1:])
+            if max(grid) < 2:
+                grid = tuple(min(2, n) for n in crop.shape[1:])
+            out[box] = _permute_patches(crop, grid, self.seed)
+        elif op == OutlierOp.CUTPASTE:
+            target = (slice(None), *self._box(spatial, self.paste_starts))
+            out[target] = crop
+        elif op == OutlierOp.LOCAL_NOISE:
+            noise = tio.RandomNoise(std=(0.05 * value_range, 0.2 * value_range))
+            out[box] = _run_torchio(noise, crop, self.seed)
+        elif op == OutlierOp.LOCAL_BLUR:
+            std = (1.0, 3.0) if crop.ndim == 4 else (1.0, 3.0, 1.0, 3.0, 0.0, 0.0)
+            out[box] = _run_torchio(tio.RandomBlur(std=std), crop, self.seed)
+        else:  # BLOB: a Gaussian bump centred in the box, sigma a quarter of the box side
+            generator = np.random.default_rng(self.seed)
+            amplitude = generator.uniform(0.3, 1.0) * value_range * generator.choice((-1.0, 1.0))
+            coords = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in spatial), indexing="ij")
+            exponent = sum(
+                ((c - (b.start + b.stop - 1) / 2) / max(1.0, (b.stop - b.start) / 4)) ** 2
+                for c, b in zip(coords, box[1:], strict=True)
+            )
+            out = x + float(amplitude) * torch.exp(-0.5 * exponent).to(
+                x.device, x.dtype if x.is_floating_point() else torch.float32
+            )
+        return out
 
 
 class OutlierSynthesisd(RandomizableTransform, MapTransform):
@@ -365,6 +453,7 @@ class OutlierSynthesisd(RandomizableTransform, MapTransform):
         gamma_log_range: Sequence[float] = (0.3, 0.8),
         elastic_num_control_points: int | Sequence[int] = 7,
         elastic_max_displacement: float | Sequence[float] = 7.5,
+        box_fraction: Sequence[float] = (0.15, 0.5),
         prob: float = 1.0,
         allow_missing_keys: bool = False,
     ) -> None:
@@ -382,6 +471,7 @@ class OutlierSynthesisd(RandomizableTransform, MapTransform):
             gamma_log_range=gamma_log_range,
             elastic_num_control_points=elastic_num_control_points,
             elastic_max_displacement=elastic_max_displacement,
+            box_fraction=box_fraction,
             prob=1.0,
         )
 

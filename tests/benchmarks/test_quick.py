@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = {
     "prototype head",
+    "prototype head (default)",
     "MSP",
     "entropy",
     "energy",

@@ -41,6 +41,8 @@ def _config(**overrides):
         "max_epochs": 2,
         "num_workers": 0,
         "seed": 0,
+        # the engine's mechanics (best-by-Dice model.pt, one score-map grid) are the paper head's
+        "head_config": "paper",
         **overrides,
     }
     return TrainingConfig(**kwargs)

@@ -1,0 +1,255 @@
+"""Ablation of the prototype head's levers (issue 5): each lever alone on top of the paper's head, and all
+together (the library's ``default`` head config), on the protocol of ``benchmarks/run.py``.
+
+Trained variants (one training each): ``paper``, ``+class-balanced L_out``, ``+multi-scale``, ``+global
+term``, ``+local outliers`` and ``default`` (every trained lever). Post-hoc variants of the trained paper
+head (no training): ``+quantile``, ``+foreground``, ``+refit``, ``+Gaussian (hybrid)``, ``+last epoch``.
+
+Selection data (no test set): every variant is also scored on the validation slices against outliers
+made from them by each operation of ``OutlierSynthesis`` (the paper's six and the local ones), so a
+default can be chosen without a test OOD set (``validation`` in the results).
+
+Run: ``python benchmarks/heads.py --full`` (seeds 0 1 2, 30 epochs; about 15 min per seed on 2 cores)
+or ``--quick``. Results: ``benchmarks/results/heads/{results.json,results.md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import (  # noqa: E402
+    CLASS_NAMES,
+    PRESETS,
+    _mean_std,
+    _scores,
+    _segment,
+    evaluate_detector,
+    ood_sets_of,
+)
+
+from monai_ood.data.brain import brain_test_variants, load_brain_dataset  # noqa: E402
+from monai_ood.data.ood_sources import load_ood_sets  # noqa: E402
+from monai_ood.detectors import PrototypeDetector  # noqa: E402
+from monai_ood.engines.checkpoint import load_model, load_training_state  # noqa: E402
+from monai_ood.engines.training import TrainingConfig, train  # noqa: E402
+from monai_ood.evaluation import dice_per_class, ood_metrics  # noqa: E402
+from monai_ood.files import atomic_write_text  # noqa: E402
+from monai_ood.losses.outlier_exposure import class_inclusion_fractions  # noqa: E402
+from monai_ood.preprocessing import SlicePreprocessing  # noqa: E402
+from monai_ood.transforms.outlier_synthesis import LOCAL_OPS, PAPER_OPS, OutlierSynthesis  # noqa: E402
+
+TRAINED = {
+    "paper": {"head_config": "paper"},
+    "+class-balanced": {"head_config": "paper", "class_balanced": True},
+    "+multi-scale": {"head_config": "paper", "extra_layers": 2},
+    "+global term": {"head_config": "paper", "global_head": True},
+    "+local outliers": {"head_config": "paper", "outlier_ops": PAPER_OPS + LOCAL_OPS},
+    "default (all)": {"head_config": "default"},
+}
+
+
+def _batches(images: np.ndarray, size: int = 32):
+    return (torch.from_numpy(images[i : i + size]) for i in range(0, len(images), size))
+
+
+def _pairs(items, size: int = 32):
+    for i in range(0, len(items), size):
+        chunk = items[i : i + size]
+        yield (
+            torch.from_numpy(np.stack([x["image"] for x in chunk]).astype(np.float32)),
+            torch.from_numpy(np.stack([x["label"] for x in chunk])),
+        )
+
+
+def _posthoc_variants(paper, run_dir: Path, data) -> dict:
+    """Post-hoc levers applied to the trained paper head (copies; the paper head is unchanged)."""
+    val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+    variants = {}
+    quantile = copy.deepcopy(paper)
+    quantile.aggregation = "quantile"
+    variants["+quantile (0.9)"] = quantile
+    foreground = copy.deepcopy(paper)
+    foreground.aggregation = "foreground"
+    variants["+foreground"] = foreground
+    variants["+refit"] = copy.deepcopy(paper).refit(_pairs(data["train"]))
+    hybrid = copy.deepcopy(paper)
+    hybrid = type(paper)(
+        hybrid.backbone, paper.num_classes, paper.layer, head_channels=paper.num_dims, gaussian_term=True
+    )
+    hybrid.load_state_dict(paper.state_dict(), strict=False)
+    hybrid.refit(_pairs(data["train"]), prototypes=False)
+    hybrid.fit_score_combination(_batches(val))
+    variants["+Gaussian (hybrid)"] = hybrid.eval()
+    last = copy.deepcopy(paper)
+    last.load_state_dict(load_training_state(run_dir / "last.pt")["model"])
+    variants["+last epoch"] = last.eval()
+    return variants
+
+
+def validation_selection(net, data, seed: int) -> dict:
+    """AUROC of validation InD slices against outliers made from them by each op (no test data)."""
+    val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+    detector = PrototypeDetector(net)
+    ind = _scores(detector, val)
+    per_op = {}
+    for op in PAPER_OPS + LOCAL_OPS:
+        synthesis = OutlierSynthesis(ops=(op,))
+        synthesis.set_random_state(seed)
+        outliers = np.stack([np.asarray(synthesis(torch.from_numpy(x))) for x in val]).astype(np.float32)
+        per_op[op] = ood_metrics(ind, _scores(detector, outliers))["auroc"]
+    return {
+        "auroc_per_op": per_op,
+        "mean_auroc": float(np.mean(list(per_op.values()))),
+        "mean_auroc_local_ops": float(np.mean([per_op[o] for o in LOCAL_OPS])),
+        "mean_auroc_paper_ops": float(np.mean([per_op[o] for o in PAPER_OPS])),
+    }
+
+
+def run_seed(preset: dict, seed: int, work: Path) -> dict:
+    prep = SlicePreprocessing(**preset["preprocessing"])
+    data = load_brain_dataset(preprocessing=prep)
+    test = data["test"]
+    ind_images = np.stack([i["image"] for i in list(test) + list(brain_test_variants(test, seed=seed))])
+    ind_images = ind_images.astype(np.float32)
+    base = (
+        test if preset["test_slices_for_artefacts"] is None else test[: preset["test_slices_for_artefacts"]]
+    )
+    sets = ood_sets_of(load_ood_sets(base, preprocessing=prep, seed=seed))
+    test_images = np.stack([i["image"] for i in test]).astype(np.float32)
+    test_labels = np.stack([i["label"][0] for i in test])
+    val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+
+    nets, facts = {}, {}
+    for name, overrides in TRAINED.items():
+        config = TrainingConfig(
+            network_kwargs=preset["network_kwargs"],
+            head_channels=preset["head_channels"],
+            max_epochs=preset["epochs"],
+            seed=seed,
+            num_workers=preset["num_workers"],
+            **overrides,
+        )
+        run_dir = work / f"seed{seed}" / name.strip("+").replace(" ", "_").replace("(", "").replace(")", "")
+        start = time.perf_counter()
+        result = train(data["train"], data["validation"], config, run_dir, prep, CLASS_NAMES, overwrite=True)
+        facts[name] = {"train_seconds": time.perf_counter() - start, "config": config.to_dict()}
+        net = load_model(result.best_checkpoint, device="cpu").net
+        if net.term_weibull is not None:
+            net.fit_score_combination(_batches(val))
+        nets[name] = net
+        if name == "paper":
+            nets.update(_posthoc_variants(net, run_dir, data))
+
+    results = {"facts": facts, "variants": {}}
+    for name, net in nets.items():
+        print(f"   evaluating {name}", flush=True)
+        net.eval()
+        row = evaluate_detector(PrototypeDetector(net), net.backbone, ind_images, sets, base)
+        dice = dice_per_class(_segment(net, test_images), test_labels, 4)
+        row["dice"] = {"per_class": dice.tolist(), "mean": float(np.nanmean(dice))}
+        row["validation"] = validation_selection(net, data, seed)
+        fractions = []
+        with torch.no_grad():
+            for images, labels in _pairs(data["train"]):
+                fractions.append(class_inclusion_fractions(net.ood(images).distances, labels, net.num_dims))
+        row["train_inclusion_fraction_95"] = dict(
+            zip(CLASS_NAMES, np.nanmean(torch.stack(fractions).numpy(), axis=0).tolist(), strict=True)
+        )
+        results["variants"][name] = row
+    return results
+
+
+def markdown(report: dict) -> str:
+    seeds = report["seeds"]
+    runs = [report["runs"][str(s)] for s in seeds]
+    names = list(runs[0]["variants"])
+    categories = sorted(runs[0]["variants"][names[0]]["categories"])
+    lines = [
+        "# Prototype head: ablation of the levers",
+        "",
+        f"Command: `{report['command']}`; seeds {seeds}. Test columns: the protocol of `benchmarks/run.py`. "
+        "`val AUROC (ops)`: validation slices vs outliers made from them by each synthesis op (the only "
+        "column used to choose the default). `CSF in 95%`: fraction of training CSF pixels inside the "
+        "chi-square 95% bound of their prototype.",
+        "",
+        "| variant | "
+        + " | ".join(f"AUROC {c}" for c in categories)
+        + " | mean AUROC | mean FPR@95 | AURC | severity ρ (mean) | Dice | val AUROC (ops) | CSF in 95% |",
+        "|---" * (len(categories) + 8) + "|",
+    ]
+    for name in names:
+        rows = [r["variants"][name] for r in runs]
+        cells = [_mean_std([r["categories"][c]["auroc"] for r in rows]) for c in categories]
+        cells += [
+            _mean_std([r["mean"]["auroc"] for r in rows]),
+            _mean_std([r["mean"]["fpr95"] for r in rows]),
+            _mean_std([r["failure"]["aurc"] for r in rows]),
+            _mean_std([np.mean(list(r["severity_spearman"].values())) for r in rows]),
+            _mean_std([r["dice"]["mean"] for r in rows]),
+            _mean_std([r["validation"]["mean_auroc"] for r in rows]),
+            _mean_std([r["train_inclusion_fraction_95"]["CSF"] for r in rows]),
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Severity ρ per artefact (mean over seeds):", ""]
+    artefacts = sorted(runs[0]["variants"][names[0]]["severity_spearman"])
+    lines += ["| variant | " + " | ".join(artefacts) + " |", "|---" * (len(artefacts) + 1) + "|"]
+    for name in names:
+        cells = [
+            f"{np.mean([r['variants'][name]['severity_spearman'][a] for r in runs]):.2f}" for a in artefacts
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ops = list(runs[0]["variants"][names[0]]["validation"]["auroc_per_op"])
+    lines += ["", "Validation AUROC per synthesis op (mean over seeds):", ""]
+    lines += ["| variant | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
+    for name in names:
+        cells = [
+            f"{np.mean([r['variants'][name]['validation']['auroc_per_op'][o] for r in runs]):.2f}"
+            for o in ops
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--quick", action="store_const", const="quick", dest="preset")
+    group.add_argument("--full", action="store_const", const="full", dest="preset")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--work-dir", type=Path)
+    args = parser.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    if args.epochs is not None:
+        preset["epochs"] = args.epochs
+    seeds = args.seeds or preset["seeds"]
+    output = args.output or Path(__file__).parent / "results" / "heads" / args.preset
+    work = args.work_dir or Path("outputs") / "benchmarks" / f"heads_{args.preset}"
+    report = {
+        "command": "python benchmarks/heads.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seeds": seeds,
+        "settings": preset,
+        "runs": {},
+    }
+    for seed in seeds:
+        print(f"== seed {seed}", flush=True)
+        report["runs"][str(seed)] = run_seed(preset, seed, work)
+        # written after every seed, so a cut-off run keeps what it finished
+        atomic_write_text(output / "results.json", json.dumps(report, indent=2), overwrite=True)
+        atomic_write_text(output / "results.md", markdown(report), overwrite=True)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
