@@ -9,8 +9,8 @@ Selection data (no test set): every variant is also scored on the validation sli
 made from them by each operation of ``OutlierSynthesis`` (the paper's six and the local ones), so a
 default can be chosen without a test OOD set (``validation`` in the results).
 
-Run: ``python benchmarks/heads.py --full`` (seeds 0 1 2, 30 epochs; about 15 min per seed on 2 cores)
-or ``--quick``. Results: ``benchmarks/results/heads/{results.json,results.md}``.
+Run: ``python benchmarks/heads.py --full`` (seeds 0 1 2, 30 epochs; the single-lever trained variants on
+``--ablation-seeds``, default the first seed) or ``--quick``. Results: ``benchmarks/results/heads/{results.json,results.md}``.
 """
 
 from __future__ import annotations
@@ -114,64 +114,94 @@ def validation_selection(net, data, seed: int) -> dict:
     }
 
 
-def run_seed(preset: dict, seed: int, work: Path) -> dict:
+def _test_data(preset: dict, seed: int):
     prep = SlicePreprocessing(**preset["preprocessing"])
     data = load_brain_dataset(preprocessing=prep)
     test = data["test"]
     ind_images = np.stack([i["image"] for i in list(test) + list(brain_test_variants(test, seed=seed))])
-    ind_images = ind_images.astype(np.float32)
     base = (
         test if preset["test_slices_for_artefacts"] is None else test[: preset["test_slices_for_artefacts"]]
     )
     sets = ood_sets_of(load_ood_sets(base, preprocessing=prep, seed=seed))
-    test_images = np.stack([i["image"] for i in test]).astype(np.float32)
-    test_labels = np.stack([i["label"][0] for i in test])
-    val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+    return prep, data, ind_images.astype(np.float32), base, sets
 
-    nets, facts = {}, {}
-    for name, overrides in TRAINED.items():
-        config = TrainingConfig(
-            network_kwargs=preset["network_kwargs"],
-            head_channels=preset["head_channels"],
-            max_epochs=preset["epochs"],
-            seed=seed,
-            num_workers=preset["num_workers"],
-            **overrides,
-        )
-        run_dir = work / f"seed{seed}" / name.strip("+").replace(" ", "_").replace("(", "").replace(")", "")
-        start = time.perf_counter()
-        result = train(data["train"], data["validation"], config, run_dir, prep, CLASS_NAMES, overwrite=True)
-        facts[name] = {"train_seconds": time.perf_counter() - start, "config": config.to_dict()}
-        net = load_model(result.best_checkpoint, device="cpu").net
-        if net.term_weibull is not None:
-            net.fit_score_combination(_batches(val))
-        nets[name] = net
-        if name == "paper":
-            nets.update(_posthoc_variants(net, run_dir, data))
 
+def _train_variant(name: str, preset: dict, seed: int, work: Path, prep, data, facts: dict):
+    config = TrainingConfig(
+        network_kwargs=preset["network_kwargs"],
+        head_channels=preset["head_channels"],
+        max_epochs=preset["epochs"],
+        seed=seed,
+        num_workers=preset["num_workers"],
+        **TRAINED[name],
+    )
+    run_dir = work / f"seed{seed}" / name.strip("+").replace(" ", "_").replace("(", "").replace(")", "")
+    start = time.perf_counter()
+    result = train(data["train"], data["validation"], config, run_dir, prep, CLASS_NAMES, overwrite=True)
+    facts[name] = {"train_seconds": time.perf_counter() - start, "config": config.to_dict()}
+    net = load_model(result.best_checkpoint, device="cpu").net
+    if net.term_weibull is not None:  # what `calibrate` does for a multi-term head
+        val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+        net.fit_score_combination(_batches(val))
+    return net, run_dir
+
+
+def _evaluate(net, data, seed, ind_images, base, sets) -> dict:
+    net.eval()
+    test_images = np.stack([i["image"] for i in data["test"]]).astype(np.float32)
+    test_labels = np.stack([i["label"][0] for i in data["test"]])
+    row = evaluate_detector(PrototypeDetector(net), net.backbone, ind_images, sets, base)
+    dice = dice_per_class(_segment(net, test_images), test_labels, 4)
+    row["dice"] = {"per_class": dice.tolist(), "mean": float(np.nanmean(dice))}
+    row["validation"] = validation_selection(net, data, seed)
+    fractions = []
+    with torch.no_grad():
+        for images, labels in _pairs(data["train"]):
+            fractions.append(class_inclusion_fractions(net.ood(images).distances, labels, net.num_dims))
+    row["train_inclusion_fraction_95"] = dict(
+        zip(CLASS_NAMES, np.nanmean(torch.stack(fractions).numpy(), axis=0).tolist(), strict=True)
+    )
+    return row
+
+
+def run_seed(preset: dict, seed: int, work: Path, paper_runs: Path | None, posthoc: bool = True) -> dict:
+    """The paper head (trained, or reused from ``paper_runs/seed<seed>/head``), its post-hoc variants
+    and the default head."""
+    prep, data, ind_images, base, sets = _test_data(preset, seed)
+    facts, nets = {}, {}
+    if paper_runs is not None:
+        run_dir = paper_runs / f"seed{seed}" / "head"
+        nets["paper"] = load_model(run_dir / "model.pt", device="cpu").net
+        facts["paper"] = {"reused_checkpoint": str(run_dir / "model.pt")}
+    else:
+        nets["paper"], run_dir = _train_variant("paper", preset, seed, work, prep, data, facts)
+    if posthoc:
+        nets.update(_posthoc_variants(nets["paper"], run_dir, data))
+    nets["default (all)"], _ = _train_variant("default (all)", preset, seed, work, prep, data, facts)
     results = {"facts": facts, "variants": {}}
     for name, net in nets.items():
         print(f"   evaluating {name}", flush=True)
-        net.eval()
-        row = evaluate_detector(PrototypeDetector(net), net.backbone, ind_images, sets, base)
-        dice = dice_per_class(_segment(net, test_images), test_labels, 4)
-        row["dice"] = {"per_class": dice.tolist(), "mean": float(np.nanmean(dice))}
-        row["validation"] = validation_selection(net, data, seed)
-        fractions = []
-        with torch.no_grad():
-            for images, labels in _pairs(data["train"]):
-                fractions.append(class_inclusion_fractions(net.ood(images).distances, labels, net.num_dims))
-        row["train_inclusion_fraction_95"] = dict(
-            zip(CLASS_NAMES, np.nanmean(torch.stack(fractions).numpy(), axis=0).tolist(), strict=True)
-        )
-        results["variants"][name] = row
+        results["variants"][name] = _evaluate(net, data, seed, ind_images, base, sets)
     return results
+
+
+def run_ablation(preset: dict, seed: int, work: Path, results: dict, on_variant=lambda: None) -> None:
+    """The single trained levers on ``seed``, added to that seed's ``results``."""
+    prep, data, ind_images, base, sets = _test_data(preset, seed)
+    for name in TRAINED:
+        if name in ("paper", "default (all)"):
+            continue
+        net, _ = _train_variant(name, preset, seed, work, prep, data, results["facts"])
+        print(f"   evaluating {name}", flush=True)
+        results["variants"][name] = _evaluate(net, data, seed, ind_images, base, sets)
+        on_variant()
 
 
 def markdown(report: dict) -> str:
     seeds = report["seeds"]
     runs = [report["runs"][str(s)] for s in seeds]
-    names = list(runs[0]["variants"])
+    names = list(dict.fromkeys(n for r in runs for n in r["variants"]))
+    counts = {n: sum(n in r["variants"] for r in runs) for n in names}
     categories = sorted(runs[0]["variants"][names[0]]["categories"])
     lines = [
         "# Prototype head: ablation of the levers",
@@ -187,7 +217,7 @@ def markdown(report: dict) -> str:
         "|---" * (len(categories) + 8) + "|",
     ]
     for name in names:
-        rows = [r["variants"][name] for r in runs]
+        rows = [r["variants"][name] for r in runs if name in r["variants"]]
         cells = [_mean_std([r["categories"][c]["auroc"] for r in rows]) for c in categories]
         cells += [
             _mean_std([r["mean"]["auroc"] for r in rows]),
@@ -198,13 +228,16 @@ def markdown(report: dict) -> str:
             _mean_std([r["validation"]["mean_auroc"] for r in rows]),
             _mean_std([r["train_inclusion_fraction_95"]["CSF"] for r in rows]),
         ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} ({counts[name]} seed{'s' if counts[name] > 1 else ''}) | " + " | ".join(cells) + " |"
+        )
     lines += ["", "Severity ρ per artefact (mean over seeds):", ""]
     artefacts = sorted(runs[0]["variants"][names[0]]["severity_spearman"])
     lines += ["| variant | " + " | ".join(artefacts) + " |", "|---" * (len(artefacts) + 1) + "|"]
     for name in names:
         cells = [
-            f"{np.mean([r['variants'][name]['severity_spearman'][a] for r in runs]):.2f}" for a in artefacts
+            f"{np.mean([r['variants'][name]['severity_spearman'][a] for r in runs if name in r['variants']]):.2f}"
+            for a in artefacts
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ops = list(runs[0]["variants"][names[0]]["validation"]["auroc_per_op"])
@@ -225,7 +258,33 @@ def main(argv=None) -> int:
     group.add_argument("--quick", action="store_const", const="quick", dest="preset")
     group.add_argument("--full", action="store_const", const="full", dest="preset")
     parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument(
+        "--ablation-seeds",
+        type=int,
+        nargs="*",
+        help="seeds that also train the single-lever variants (default: the first seed); the paper and "
+        "default heads and the post-hoc variants run on every seed",
+    )
     parser.add_argument("--epochs", type=int)
+    parser.add_argument(
+        "--paper-runs",
+        type=Path,
+        help="reuse the paper heads trained by `run.py` (its --work-dir, e.g. outputs/benchmarks/full) "
+        "instead of training them again",
+    )
+    parser.add_argument(
+        "--ablation-only",
+        action="store_true",
+        help="only the single trained levers on --ablation-seeds (to run beside a main run)",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="add the variants of this results.json (an --ablation-only run) to --output's results.json",
+    )
+    parser.add_argument(
+        "--no-posthoc", action="store_true", help="skip the post-hoc variants of the paper head"
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--work-dir", type=Path)
     args = parser.parse_args(argv)
@@ -235,18 +294,47 @@ def main(argv=None) -> int:
     seeds = args.seeds or preset["seeds"]
     output = args.output or Path(__file__).parent / "results" / "heads" / args.preset
     work = args.work_dir or Path("outputs") / "benchmarks" / f"heads_{args.preset}"
+    if args.ablation_only:
+        seeds = args.ablation_seeds if args.ablation_seeds is not None else seeds[:1]
     report = {
         "command": "python benchmarks/heads.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": seeds,
         "settings": preset,
         "runs": {},
     }
-    for seed in seeds:
-        print(f"== seed {seed}", flush=True)
-        report["runs"][str(seed)] = run_seed(preset, seed, work)
-        # written after every seed, so a cut-off run keeps what it finished
+    ablation_seeds = args.ablation_seeds if args.ablation_seeds is not None else seeds[:1]
+    report["ablation_seeds"] = ablation_seeds
+    report["paper_runs"] = None if args.paper_runs is None else str(args.paper_runs)
+
+    def save():  # after every step, so a cut-off run keeps what it finished
         atomic_write_text(output / "results.json", json.dumps(report, indent=2), overwrite=True)
         atomic_write_text(output / "results.md", markdown(report), overwrite=True)
+
+    if args.merge is not None:
+        report = json.loads((output / "results.json").read_text(encoding="utf-8"))
+        extra = json.loads(args.merge.read_text(encoding="utf-8"))
+        for seed, run in extra["runs"].items():
+            if seed not in report["runs"]:
+                report["runs"][seed] = run
+                report["seeds"] = sorted({*report["seeds"], int(seed)})
+            else:
+                report["runs"][seed]["variants"].update(run["variants"])
+                report["runs"][seed]["facts"].update(run["facts"])
+        report.setdefault("merged_commands", []).append(extra["command"])
+        save()
+        print(markdown(report))
+        return 0
+    if args.ablation_only:
+        for seed in ablation_seeds:
+            report["runs"][str(seed)] = {"facts": {}, "variants": {}}
+    for seed in [] if args.ablation_only else seeds:
+        print(f"== seed {seed}", flush=True)
+        report["runs"][str(seed)] = run_seed(preset, seed, work, args.paper_runs, not args.no_posthoc)
+        save()
+    for seed in ablation_seeds:
+        print(f"== ablation, seed {seed}", flush=True)
+        run_ablation(preset, seed, work, report["runs"][str(seed)], on_variant=save)
+        save()
     print(markdown(report))
     return 0
 

@@ -60,6 +60,20 @@ def _cmd_train(args) -> int:
         num_workers=args.num_workers,
         seed=args.seed,
         device=args.device,
+        head_config=args.head_config,
+        **{
+            name: getattr(args, name)
+            for name in (
+                "extra_layers",
+                "global_head",
+                "gaussian_term",
+                "aggregation",
+                "class_balanced",
+                "refit",
+                "select_by",
+            )
+            if getattr(args, name) is not None
+        },
     )
     train_items = _load_items(args, "train", preprocessing)
     val_items = _load_items(args, "validation", preprocessing)
@@ -319,6 +333,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lambda-out", type=float, default=0.1, help="weight of the outlier-exposure loss (default: 0.1)"
     )
+    p.add_argument(
+        "--head-config",
+        choices=("default", "paper"),
+        default="default",
+        help="the project's improved head (default) or the paper's head exactly as published; the options "
+        "below override single levers",
+    )
+    on_off = {"true": True, "false": False}
+    p.add_argument(
+        "--extra-layers", type=int, default=None, help="multi-scale heads: extra finer encoder stages"
+    )
+    for flag, what in (
+        ("global-head", "image-level prototype on pooled bottleneck features"),
+        ("gaussian-term", "post-hoc Gaussian on pooled bottleneck features"),
+        ("class-balanced", "class-balanced inlier term of L_out"),
+        ("refit", "re-estimate the prototypes from training features after training"),
+    ):
+        p.add_argument(f"--{flag}", type=on_off.__getitem__, default=None, metavar="{true,false}", help=what)
+    p.add_argument("--aggregation", choices=("mean", "quantile", "foreground"), default=None)
+    p.add_argument("--select-by", choices=("dice", "last"), default=None, help="which epoch becomes model.pt")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     p.add_argument(
         "--num-workers", type=int, default=2, help="DataLoader workers making outliers (default: 2)"

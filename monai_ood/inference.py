@@ -7,9 +7,11 @@ segmentation, linear for the maps), so it overlays the input exactly in 3D Slice
 
 Image-level numbers (the table of ``monai-ood score``):
 
-* ``image_score``: ``||A(x)||_1 / (feature pixels)`` (paper eq. 6) per slice; for a volume scored by a 2D
-  model, the mean over its slices that contain any signal (slices entirely outside the field of view
-  are left out); for a 3D model, the mean of the upsampled A over the volume.
+* ``image_score``: the network's image score per slice (the paper's head: ``||A(x)||_1 / (feature
+  pixels)``, eq. 6; a head with several terms: ``log sum_t H_t`` of its terms' Weibull hazards, see
+  :class:`~monai_ood.networks.PrototypeOODNet`); for a volume scored by a 2D model, the mean over its
+  slices that contain any signal (slices entirely outside the field of view are left out); for a 3D
+  model, the mean of the upsampled (fused) map over the volume, since sliding windows see no whole image.
 * ``calibrated_degree``: the mean of ``A_xi = WeibullCDF(A)`` over the same pixels: a number in
   [0, 1] on the scale fitted to validation data (about 0.5 for typical InD images by construction,
   rising towards 1 as more of the image lies beyond the validation distances).

@@ -307,3 +307,46 @@ def test_config_round_trip_and_validation():
         TrainingConfig().outliers_per_step == 8
         and TrainingConfig(outlier_batch_size=2).outliers_per_step == 2
     )
+
+
+def test_head_configs_fill_unset_levers_and_validate():
+    from monai_ood.engines.training import HEAD_CONFIGS
+
+    paper = TrainingConfig(head_config="paper")
+    assert {k: getattr(paper, k) for k in HEAD_CONFIGS["paper"]} == HEAD_CONFIGS["paper"]
+    default = TrainingConfig()
+    assert default.head_config == "default" and default.wrapper_kwargs["global_head"] is True
+    mixed = TrainingConfig(head_config="paper", global_head=True)
+    assert mixed.global_head is True and mixed.extra_layers == 0
+    assert TrainingConfig.from_dict(mixed.to_dict()) == mixed
+    for bad in (
+        {"head_config": "best"},
+        {"aggregation": "median"},
+        {"select_by": "auroc"},
+        {"extra_layers": -1},
+    ):
+        with pytest.raises(ValueError):
+            TrainingConfig(**bad)
+
+
+def test_default_head_trains_refits_and_calibrates_its_terms(data, tmp_path):
+    train_items, val_items = data
+    config = _config(head_config="default", outlier_ops=("rotate180", "local_shuffle", "blob"))
+    result = train(
+        train_items, val_items, config, tmp_path / "run", SlicePreprocessing(size=(32, 32)), progress=False
+    )
+    loaded = load_model(result.best_checkpoint, device="cpu")
+    net = loaded.net
+    assert net.term_names[-2:] == ["global", "gaussian"] and bool(net.gaussian_fitted)
+    # select_by="last": model.pt holds the last epoch's weights (the Gaussian is fitted after training)
+    last = load_training_state(result.last_checkpoint)["model"]
+    for key, value in last.items():
+        if not key.startswith("gaussian_"):
+            torch.testing.assert_close(net.state_dict()[key], value)
+    assert loaded.metrics["selected_by"] == "last"
+    before = net.term_weibull.clone()
+    calibrate(result.best_checkpoint, val_items, device="cpu")
+    after = load_model(result.best_checkpoint, device="cpu").net
+    assert not torch.equal(before, after.term_weibull)  # the hazards were fitted on the validation images
+    scores = after.ood(torch.from_numpy(np.stack([i["image"] for i in val_items]))).image_score
+    assert torch.isfinite(scores).all()

@@ -134,3 +134,64 @@ def test_l_out_learns_to_separate_outliers():
     auroc_after, own_after = evaluate()
     assert auroc_after > 0.95
     assert own_after < 0.5 * own_before
+
+
+def test_class_balanced_inlier_term_matches_float64_reference():
+    from scipy.stats import chi2
+
+    from monai_ood.losses import OutlierExposureLoss
+
+    rng = np.random.default_rng(3)
+    num_dims = 8
+    distances = rng.random((2, 3, 4, 4)) * 40
+    labels = rng.integers(0, 3, (2, 1, 4, 4))
+    labels[1] = np.where(labels[1] == 2, 0, labels[1])  # class 2 absent from image 1
+    loss = OutlierExposureLoss(num_dims, class_balanced=True)
+    got = float(loss.inlier_term(torch.from_numpy(distances).float(), torch.from_numpy(labels)))
+    per_image = []
+    for b in range(2):
+        own = np.take_along_axis(distances[b], labels[b], axis=0)[0]
+        logs = [np.log(chi2.sf(own[labels[b, 0] == k], num_dims).mean()) for k in np.unique(labels[b])]
+        per_image.append(np.mean(logs))
+    assert got == pytest.approx(-np.mean(per_image), rel=1e-5)
+
+
+def test_class_balanced_term_cannot_hide_an_abandoned_minority_class():
+    from monai_ood.losses import OutlierExposureLoss
+
+    labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    labels[0, 0, 0, 0] = 1  # one minority pixel, far from its prototype
+    distances = torch.full((1, 2, 8, 8), 4.0)
+    distances[0, 1, 0, 0] = 500.0
+    plain = OutlierExposureLoss(4).inlier_term(distances, labels)
+    balanced = OutlierExposureLoss(4, class_balanced=True).inlier_term(distances, labels)
+    assert float(balanced) > 10 * float(plain)
+
+
+def test_class_inclusion_fractions_against_scipy_bound():
+    from scipy.stats import chi2
+
+    from monai_ood.losses import class_inclusion_fractions
+
+    rng = np.random.default_rng(4)
+    distances = rng.random((2, 3, 4, 4)) * 2 * chi2.ppf(0.95, 6)
+    labels = rng.integers(0, 2, (2, 1, 4, 4))  # class 2 absent
+    got = class_inclusion_fractions(torch.from_numpy(distances), torch.from_numpy(labels), 6).numpy()
+    own = np.take_along_axis(distances, labels, axis=1)[:, 0]
+    for k in (0, 1):
+        assert got[k] == pytest.approx(np.mean(own[labels[:, 0] == k] <= chi2.ppf(0.95, 6)))
+    assert np.isnan(got[2])
+
+
+def test_global_term_losses_match_scipy():
+    from scipy.stats import chi2
+
+    from monai_ood.losses.outlier_exposure import image_exclusion_term, image_inclusion_term
+
+    d = torch.tensor([3.0, 10.0, 25.0]).reshape(3, 1, 1)
+    assert float(image_inclusion_term(d, 8)) == pytest.approx(
+        -np.mean(chi2.logsf(d.flatten().numpy(), 8)), rel=1e-5
+    )
+    assert float(image_exclusion_term(d, 8)) == pytest.approx(
+        -np.mean(chi2.logcdf(d.flatten().numpy(), 8)), rel=1e-5
+    )

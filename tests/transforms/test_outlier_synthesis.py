@@ -326,3 +326,27 @@ def test_cuda_tensor_stays_on_cuda(op):
     image = make_image(2).cuda()
     out = OutlierSynthesis(ops=[op], **SMALL)(image)
     assert out.device == image.device
+
+
+@pytest.mark.parametrize("op", ["local_shuffle", "cutpaste", "local_noise", "local_blur", "blob"])
+@pytest.mark.parametrize("shape", [(1, 48, 40), (1, 24, 20, 16)])
+def test_local_ops_change_only_a_box_and_replay(op, shape):
+    from monai_ood.transforms.outlier_synthesis import OutlierSynthesis
+
+    x = torch.rand(*shape)
+    t = OutlierSynthesis(ops=(op,))
+    t.set_random_state(7)
+    y = t(x)
+    t.set_random_state(7)
+    assert torch.equal(y, t(x))  # seeded: replayable
+    changed = (y != x)[0]
+    assert changed.any()
+    if op != "blob":  # the blob is a smooth bump over the image; the others stay inside their box
+        idx = changed.nonzero()
+        box = [(int(idx[:, a].min()), int(idx[:, a].max()) + 1) for a in range(len(shape) - 1)]
+        for (lo, hi), n in zip(box, shape[1:], strict=True):
+            assert hi - lo <= 0.5 * n + 1
+    if op == "local_shuffle":  # a permutation of the original values: nothing interpolated
+        assert torch.equal(torch.sort(y.flatten()).values, torch.sort(x.flatten()).values)
+    if op == "cutpaste":  # the pasted values all come from the image
+        assert set(y[0][changed].tolist()) <= set(x.flatten().tolist())
