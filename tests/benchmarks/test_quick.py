@@ -49,7 +49,7 @@ def test_quick_benchmark_produces_every_method_and_column(tmp_path):
         assert all(math.isfinite(v) for v in row["severity_spearman"].values()), method
         assert math.isfinite(row["failure"]["aurc"]) and math.isfinite(row["failure"]["spearman"]), method
         assert row["time_ratio_to_plain_forward"] > 0, method
-    assert {"with head", "plain"} == set(run["facts"]["dice"])
+    assert {"with head", "with default head", "plain"} == set(run["facts"]["dice"])
     table = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     assert all(f"| {method} |" in table for method in METHODS)
     assert report["command"].startswith("python benchmarks/run.py --quick")

@@ -1,0 +1,66 @@
+"""The prototype OOD head in nnU-Net v2 (``pip install "monai-ood[nnunet]"``, ``nnunetv2>=2.8``).
+
+* :class:`nnUNetTrainerPrototypeOOD` (and :class:`PrototypeOODTrainerMixin` for other trainer variants):
+  ``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerPrototypeOOD`` once ``nnUNet_extTrainer`` points
+  at :func:`trainer_folder` (``python -m monai_ood.integrations.nnunet env`` prints the line).
+* :class:`nnUNetPrototypeOODPredictor`: nnU-Net's predictor writing ``A`` and ``A_xi`` beside the
+  segmentations (``python -m monai_ood.integrations.nnunet predict ...``).
+* Calibration on the validation fold, stored as ``fold_<f>/ood_calibration.json``
+  (:mod:`~monai_ood.integrations.nnunet.calibration`).
+
+Names are imported on first use, so ``env`` works without loading nnU-Net.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+_EXPORTS = {
+    "nnUNetTrainerPrototypeOOD": "trainer",
+    "PrototypeOODTrainerMixin": "trainer",
+    "OutlierChannels": "trainer",
+    "nnUNetPrototypeOODPredictor": "predictor",
+    "find_trainer_class": "predictor",
+    "nnUNetPrototypeOODNet": "network",
+    "bottleneck_layer": "network",
+    "calibration_path": "calibration",
+    "fit_calibration": "calibration",
+    "load_calibration": "calibration",
+    "predict_score_map": "sliding_window",
+    "feature_score_values": "sliding_window",
+    "map_to_original_array": "geometry",
+    "map_to_input_image": "geometry",
+    "export_line": "cli",
+    "trainer_folder": "cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+_NNUNET_MODULES = (
+    "nnunetv2",
+    "dynamic_network_architectures",
+    "batchgenerators",
+    "batchgeneratorsv2",
+    "acvl_utils",
+)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = import_module(f".{_EXPORTS[name]}", __name__)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] in _NNUNET_MODULES:
+            raise ImportError(
+                f"monai_ood.integrations.nnunet needs nnU-Net v2 ({error.name} is missing): "
+                'pip install "monai-ood[nnunet]"'
+            ) from error
+        raise
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,0 +1,383 @@
+"""``nnUNetPrototypeOODPredictor``: nnU-Net's predictor that also writes the score maps ``A`` and ``A_xi``.
+
+Segmentations are nnU-Net's own (same preprocessing, sliding window, mirroring, export). For every case
+written to ``<output>/<case><file_ending>`` the predictor adds, at the input's geometry:
+
+* ``<output>/<case>_score.nii.gz``: ``A(x) = min_k D_M``, raw Mahalanobis distances (float32);
+* ``<output>/<case>_score_calibrated.nii.gz``: ``A_xi = WeibullCDF(A)`` in ``[0, 1]`` with the calibration
+  stored beside the checkpoint (``fold_<f>/ood_calibration.json``); skipped, with a warning, if there is none;
+* ``<output>/ood_scores.csv`` (and ``.json``): per case, ``image_score`` (the mean of ``A`` on nnU-Net's
+  preprocessed grid) and ``calibrated_degree`` (the mean of ``A_xi``).
+
+With several folds, each fold's map is computed with its weights and calibrated with its own calibration,
+then the maps are averaged (as nnU-Net averages the folds' logits). Score maps come from the encoder-only
+pass on nnU-Net's tiles (:mod:`~monai_ood.integrations.nnunet.sliding_window`), without mirroring.
+Outside nnU-Net's non-zero crop, where its segmentation is background, the maps are 0.
+
+Use it as ``nnUNetPredictor`` (``initialize_from_trained_model_folder`` + ``predict_from_files`` or
+``predict_from_files_sequential``), or from the shell: ``python -m monai_ood.integrations.nnunet predict``.
+For arrays (``predict_from_list_of_npy_arrays``, ``ofile`` ``None``) the maps are kept in
+:attr:`nnUNetPrototypeOODPredictor.ood_maps` instead of being written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import (
+    convert_labelmap_to_one_hot,
+    determine_num_input_channels,
+)
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch._dynamo import OptimizedModule
+
+from ...calibration import WeibullCalibrator
+from ...files import atomic_write_text
+from .calibration import DEFAULT_CHECKPOINT, calibration_path, load_calibration
+from .geometry import map_to_input_image, map_to_original_array, write_map
+from .sliding_window import predict_score_map
+
+__all__ = ["find_trainer_class", "nnUNetPrototypeOODPredictor"]
+
+SCORE_SUFFIX = "_score"
+CALIBRATED_SUFFIX = "_score_calibrated"
+MAP_FILE_ENDING = ".nii.gz"
+TABLE_NAME = "ood_scores"
+
+
+def _find_in_folder(folder: str, name: str):
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    try:
+        return recursive_find_python_class(
+            folder, name, None, base_folder=folder, cleanup_imports_from_base_folder=True
+        )
+    except TypeError:  # nnU-Net versions without import clean-up
+        return recursive_find_python_class(folder, name, None, base_folder=folder)
+
+
+def find_trainer_class(name: str) -> type:
+    """The trainer class called ``name``: this package's, then ``nnUNet_extTrainer``'s folders, then nnU-Net's.
+
+    nnU-Net's own lookup imports every trainer module it ships before it reads ``nnUNet_extTrainer``;
+    looking here first finds this package's trainers (and yours on ``nnUNet_extTrainer``) without that.
+
+    Raises:
+        RuntimeError: if no trainer of that name exists (nnU-Net's message).
+    """
+    from . import trainer as ours
+
+    found = getattr(ours, name, None)
+    if isinstance(found, type) and issubclass(found, nnUNetTrainer):
+        return found
+    for folder in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep):
+        if folder.strip() and os.path.isdir(folder):
+            found = _find_in_folder(folder, name)
+            if found is not None:
+                return found
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    return recursive_find_trainer_class_by_name(name)
+
+
+class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's naming)
+    """``nnUNetPredictor`` that writes ``A`` and ``A_xi`` beside the segmentations (see the module docstring).
+
+    Args:
+        *args, **kwargs: ``nnUNetPredictor``'s (``tile_step_size``, ``use_mirroring``, ``device``, ...).
+        write_score_maps: ``False`` predicts segmentations only, exactly as ``nnUNetPredictor``.
+
+    Attributes:
+        calibrators: one :class:`~monai_ood.calibration.WeibullCalibrator` (or ``None``) per fold.
+        ood_rows: the per-case table of the last prediction.
+        ood_maps: maps of cases predicted without an output file, at the input geometry:
+            ``{"score": array, "calibrated": array or None}`` per case, in order.
+    """
+
+    def __init__(self, *args, write_score_maps: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.write_score_maps = write_score_maps
+        self.calibrators: list[WeibullCalibrator | None] = []
+        self.ood_rows: list[dict[str, Any]] = []
+        self.ood_maps: list[dict[str, np.ndarray | None]] = []
+        self._inputs_of_output: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    def initialize_from_trained_model_folder(
+        self,
+        model_training_output_dir: str,
+        use_folds: tuple[int | str, ...] | list | str | None,
+        checkpoint_name: str = DEFAULT_CHECKPOINT,
+    ) -> None:
+        """As ``nnUNetPredictor``'s, finding the trainer with :func:`find_trainer_class`, and loading each
+        fold's calibration."""
+        if use_folds is None:
+            use_folds = nnUNetPredictor.auto_detect_available_folds(
+                model_training_output_dir, checkpoint_name
+            )
+        if isinstance(use_folds, (str, int)):
+            use_folds = [use_folds]
+        use_folds = [f if f == "all" else int(f) for f in use_folds]
+        if not use_folds:
+            raise FileNotFoundError(f"no fold_*/{checkpoint_name} in {model_training_output_dir!r}")
+        dataset_json = load_json(join(model_training_output_dir, "dataset.json"))
+        plans_manager = PlansManager(load_json(join(model_training_output_dir, "plans.json")))
+
+        parameters = []
+        for i, fold in enumerate(use_folds):
+            checkpoint = torch.load(
+                join(model_training_output_dir, f"fold_{fold}", checkpoint_name),
+                map_location=torch.device("cpu"),
+                weights_only=False,
+            )
+            if i == 0:
+                trainer_name = checkpoint["trainer_name"]
+                configuration_name = checkpoint["init_args"]["configuration"]
+                mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes")
+            parameters.append(checkpoint["network_weights"])
+
+        configuration_manager = plans_manager.get_configuration(configuration_name)
+        trainer_class = find_trainer_class(trainer_name)
+        network = trainer_class.build_network_architecture(
+            plans_manager,
+            configuration_manager,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+            enable_deep_supervision=False,
+        )
+        if self.write_score_maps and not hasattr(network, "ood"):
+            raise ValueError(
+                f"{trainer_name} does not build a network with the prototype OOD head; train with "
+                "nnUNetTrainerPrototypeOOD (or a subclass) to get score maps"
+            )
+        network.load_state_dict(parameters[0])
+        self.manual_initialization(
+            network,
+            plans_manager,
+            configuration_manager,
+            parameters,
+            dataset_json,
+            trainer_name,
+            mirroring_axes,
+        )
+        self.calibrators = [
+            load_calibration(calibration_path(join(model_training_output_dir, f"fold_{f}"), checkpoint_name))
+            for f in use_folds
+        ]
+        missing = [f for f, c in zip(use_folds, self.calibrators, strict=True) if c is None]
+        if missing and self.write_score_maps:
+            warnings.warn(
+                f"no OOD calibration for fold(s) {missing} ({calibration_path('fold_X', checkpoint_name).name}): "
+                "writing raw score maps only; calibrate with: python -m monai_ood.integrations.nnunet calibrate ...",
+                stacklevel=2,
+            )
+
+    def ood_network(self):
+        """The prototype network without a ``torch.compile`` wrapper."""
+        return self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
+
+    # ------------------------------------------------------------------ score maps
+
+    def predict_ood_maps(self, data: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor | None]:
+        """``A`` and ``A_xi`` of one preprocessed case on the preprocessed grid, averaged over the folds.
+
+        Returns:
+            ``{"score": (*spatial) float32 tensor, "calibrated": same or None}`` (``None`` unless every
+            fold has a calibration).
+        """
+        net = self.ood_network().to(self.device)  # maps come before nnU-Net moves the network
+        parameters = self.list_of_parameters or [None]
+        calibrators = (
+            self.calibrators if len(self.calibrators) == len(parameters) else [None] * len(parameters)
+        )
+        scores, calibrated = [], []
+        for params, calibrator in zip(parameters, calibrators, strict=True):
+            if params is not None:
+                net.load_state_dict(params)
+            score = predict_score_map(
+                net,
+                data,
+                self.configuration_manager.patch_size,
+                self.tile_step_size,
+                self.device,
+                self.use_gaussian,
+            )
+            scores.append(score)
+            calibrated.append(calibrator.transform(score) if calibrator is not None else None)
+        out: dict[str, torch.Tensor | None] = {"score": torch.stack(scores).mean(0), "calibrated": None}
+        if all(c is not None for c in calibrated):
+            out["calibrated"] = torch.stack(calibrated).mean(0)
+        return out
+
+    def export_ood_maps(
+        self,
+        data: torch.Tensor | np.ndarray,
+        properties: dict,
+        ofile: str | None,
+        input_files: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Compute the maps of one preprocessed case, write them beside ``ofile`` (or keep them) and return its row."""
+        maps = self.predict_ood_maps(data)
+        row: dict[str, Any] = {
+            "case": os.path.basename(ofile) if ofile is not None else str(len(self.ood_maps)),
+            "image_score": float(maps["score"].mean()),
+            "calibrated_degree": float(maps["calibrated"].mean()) if maps["calibrated"] is not None else None,
+        }
+        # back on the input's grid; clipped, since a higher-order resampling can overshoot the ranges
+        upper = {"score": None, "calibrated": 1.0}
+        originals = {
+            name: np.clip(
+                map_to_original_array(value, properties, self.plans_manager, self.configuration_manager),
+                0.0,
+                upper[name],
+            )
+            for name, value in maps.items()
+            if value is not None
+        }
+        if ofile is None:
+            self.ood_maps.append({"score": originals["score"], "calibrated": originals.get("calibrated")})
+            return row
+        reference = input_files[0] if input_files else None
+        suffixes = {"score": SCORE_SUFFIX, "calibrated": CALIBRATED_SUFFIX}
+        notes = {
+            "score": "monai-ood A(x): min_k Mahalanobis",
+            "calibrated": "monai-ood A_xi: Weibull CDF of A",
+        }
+        for name, array in originals.items():
+            image = map_to_input_image(array, properties, self.plans_manager.image_reader_writer_class)
+            path = write_map(image, ofile + suffixes[name] + MAP_FILE_ENDING, reference, notes[name])
+            row[f"{name}_map"] = str(path)
+        return row
+
+    def _with_score_maps(self, data_iterator: Iterable[dict]) -> Iterator[dict]:
+        for item in data_iterator:
+            data = item["data"]
+            if isinstance(data, str):  # nnU-Net hands large cases over as temporary .npy files
+                path = data
+                data = torch.from_numpy(np.load(path))
+                os.remove(path)
+            ofile = item.get("ofile")
+            row = self.export_ood_maps(
+                data, item["data_properties"], ofile, self._inputs_of_output.get(ofile) if ofile else None
+            )
+            self.ood_rows.append(row)
+            yield {**item, "data": data}
+
+    def _write_tables(self) -> None:
+        by_folder: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in self.ood_rows:
+            if "score_map" in row:
+                by_folder[os.path.dirname(row["score_map"])].append(row)
+        columns = ["case", "image_score", "calibrated_degree", "score_map", "calibrated_map"]
+        for folder, rows in by_folder.items():
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(Path(folder) / f"{TABLE_NAME}.csv", text.getvalue(), overwrite=True)
+            atomic_write_text(
+                Path(folder) / f"{TABLE_NAME}.json",
+                json.dumps(rows, indent=2, allow_nan=False) + "\n",
+                overwrite=True,
+            )
+
+    # ------------------------------------------------------------------ nnU-Net's entry points
+
+    def _manage_input_and_output_lists(self, *args, **kwargs):
+        lists, outputs, segs_from_prev_stage = super()._manage_input_and_output_lists(*args, **kwargs)
+        if outputs is not None:
+            self._inputs_of_output.update(dict(zip(outputs, lists, strict=True)))
+        return lists, outputs, segs_from_prev_stage
+
+    def predict_from_data_iterator(
+        self,
+        data_iterator,
+        save_probabilities: bool = False,
+        num_processes_segmentation_export: int = default_num_processes,
+    ):
+        """nnU-Net's prediction loop; each case's maps are written before its segmentation is exported."""
+        if not self.write_score_maps:
+            return super().predict_from_data_iterator(
+                data_iterator, save_probabilities, num_processes_segmentation_export
+            )
+        self.ood_rows, self.ood_maps = [], []
+        result = super().predict_from_data_iterator(
+            self._with_score_maps(data_iterator), save_probabilities, num_processes_segmentation_export
+        )
+        if isinstance(data_iterator, MultiThreadedAugmenter):
+            data_iterator._finish()
+        self._write_tables()
+        return result
+
+    def predict_from_files_sequential(
+        self,
+        list_of_lists_or_source_folder,
+        output_folder_or_list_of_truncated_output_files,
+        save_probabilities: bool = False,
+        overwrite: bool = True,
+        folder_with_segs_from_prev_stage: str | None = None,
+    ):
+        """nnU-Net's sequential prediction (no worker processes), then the maps case by case."""
+        if not self.write_score_maps:
+            return super().predict_from_files_sequential(
+                list_of_lists_or_source_folder,
+                output_folder_or_list_of_truncated_output_files,
+                save_probabilities,
+                overwrite,
+                folder_with_segs_from_prev_stage,
+            )
+        # nnU-Net's sequential path writes its argument files before it creates the output folder
+        target = output_folder_or_list_of_truncated_output_files
+        if isinstance(target, str):
+            os.makedirs(target, exist_ok=True)
+        elif isinstance(target, list) and target:
+            os.makedirs(os.path.dirname(target[0]) or os.curdir, exist_ok=True)
+        # the cases nnU-Net will predict (with overwrite=False it skips those already done)
+        lists, outputs, segs = self._manage_input_and_output_lists(
+            list_of_lists_or_source_folder,
+            output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage,
+            overwrite,
+            0,
+            1,
+            save_probabilities,
+        )
+        result = super().predict_from_files_sequential(
+            lists if outputs is not None else list_of_lists_or_source_folder,
+            outputs if outputs is not None else output_folder_or_list_of_truncated_output_files,
+            save_probabilities,
+            True,
+            folder_with_segs_from_prev_stage,
+        )
+        self.ood_rows, self.ood_maps = [], []
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose)
+        outputs = outputs if outputs is not None else [None] * len(lists)
+        segs = segs if segs is not None else [None] * len(lists)
+        for files, ofile, seg_file in zip(lists, outputs, segs, strict=True):
+            data, seg, properties = preprocessor.run_case(
+                files, seg_file, self.plans_manager, self.configuration_manager, self.dataset_json
+            )
+            if folder_with_segs_from_prev_stage is not None:
+                one_hot = convert_labelmap_to_one_hot(
+                    seg[0], self.label_manager.foreground_labels, data.dtype
+                )
+                data = np.vstack((data, one_hot))
+            self.ood_rows.append(self.export_ood_maps(torch.from_numpy(data), properties, ofile, files))
+        self._write_tables()
+        return result
