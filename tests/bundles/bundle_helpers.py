@@ -1,0 +1,60 @@
+"""Helpers of the bundle tests: paths, tiny settings, bundle copies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLES = ROOT / "bundles"
+SCHEMA = BUNDLES / "schema" / "meta_schema_20240725.json"
+NAMES = ("prototype_ood_unet_2d", "prototype_ood_deeplabv3")
+
+# Network overrides that make each bundle's network tiny (valid for train, calibrate and inference).
+TINY_NETWORK = {
+    "prototype_ood_unet_2d": {
+        "backbone#channels": [4, 8, 16],
+        "backbone#strides": [2, 2],
+        "backbone#num_res_units": 0,
+        "network_def#head_channels": 8,
+    },
+    "prototype_ood_deeplabv3": {
+        "backbone#layers": [1, 1, 1, 1],
+        "backbone#aspp_channels": 8,
+        "network_def#head_channels": 8,
+    },
+}
+# Training overrides: 2 iterations of 2 slices, no worker processes, validation (and so calibration and
+# evaluation, which use the validation loader) on the first 4 slices of the split.
+TINY_TRAIN = {
+    "num_workers": 0,
+    "batch_size": 2,
+    "max_epochs": 1,
+    "train#trainer#epoch_length": 2,
+    "validate#dataset#data": "$@validate#data[:4]",
+}
+
+
+# Small slices for every step (train, calibrate, evaluate, inference): 48 x 48 at 4.5 mm.
+TINY_SLICES = {"image_size": [48, 48], "pixel_spacing": [4.5, 4.5]}
+
+
+def data_overrides(cache_dir) -> dict:
+    """Training configs: where the embedded brain data at TINY_SLICES are cached (see the fixture)."""
+    return {"train#data#cache_dir": str(cache_dir), "validate#data#cache_dir": str(cache_dir)}
+
+
+def copy_bundle(name: str, destination: Path) -> Path:
+    """A copy of a bundle as a user would have it (nothing from earlier runs in models/ or eval/)."""
+    target = destination / name
+    shutil.copytree(BUNDLES / name, target, ignore=shutil.ignore_patterns("*.pt", "calibration.json", "eval"))
+    return target
+
+
+def write_args(path: Path, *overrides: dict) -> Path:
+    merged: dict = {}
+    for override in overrides:
+        merged.update(override)
+    path.write_text(json.dumps(merged), encoding="utf-8")
+    return path
