@@ -40,7 +40,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 speed: $(STAMP)
-	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/speed.py --head-config paper
+	$(PY) benchmarks/speed.py --head-config default
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check monai_ood tests examples benchmarks

@@ -53,7 +53,7 @@ TRAINED = {
     "+multi-scale": {"head_config": "paper", "extra_layers": 2},
     "+global term": {"head_config": "paper", "global_head": True},
     "+local outliers": {"head_config": "paper", "outlier_ops": PAPER_OPS + LOCAL_OPS},
-    "default (all)": {"head_config": "default"},
+    "default (all)": {"head_config": "all"},
 }
 
 
@@ -89,6 +89,17 @@ def _posthoc_variants(paper, run_dir: Path, data) -> dict:
     hybrid.refit(_pairs(data["train"]), prototypes=False)
     hybrid.fit_score_combination(_batches(val))
     variants["+Gaussian (hybrid)"] = hybrid.eval()
+    both = type(paper)(
+        copy.deepcopy(paper.backbone),
+        paper.num_classes,
+        paper.layer,
+        head_channels=paper.num_dims,
+        gaussian_term=True,
+    )
+    both.load_state_dict(paper.state_dict(), strict=False)
+    both.refit(_pairs(data["train"]))
+    both.fit_score_combination(_batches(val))
+    variants["+refit +Gaussian"] = both.eval()
     last = copy.deepcopy(paper)
     last.load_state_dict(load_training_state(run_dir / "last.pt")["model"])
     variants["+last epoch"] = last.eval()
@@ -185,6 +196,26 @@ def run_seed(preset: dict, seed: int, work: Path, paper_runs: Path | None, posth
     return results
 
 
+def run_posthoc(preset: dict, seed: int, work: Path, paper_runs: Path, only=None) -> dict:
+    """Post-hoc variants from saved checkpoints (no training): the paper head's and ``default + refit``."""
+    prep, data, ind_images, base, sets = _test_data(preset, seed)
+    run_dir = paper_runs / f"seed{seed}" / "head"
+    paper = load_model(run_dir / "model.pt", device="cpu").net
+    nets = _posthoc_variants(paper, run_dir, data)
+    default = load_model(work / f"seed{seed}" / "default_all" / "model.pt", device="cpu").net
+    refitted = copy.deepcopy(default).refit(_pairs(data["train"]))
+    val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+    refitted.fit_score_combination(_batches(val))
+    nets["default + refit"] = refitted
+    results = {"facts": {}, "variants": {}}
+    for name, net in nets.items():
+        if only and name not in only:
+            continue
+        print(f"   evaluating {name}", flush=True)
+        results["variants"][name] = _evaluate(net, data, seed, ind_images, base, sets)
+    return results
+
+
 def run_ablation(preset: dict, seed: int, work: Path, results: dict, on_variant=lambda: None) -> None:
     """The single trained levers on ``seed``, added to that seed's ``results``."""
     prep, data, ind_images, base, sets = _test_data(preset, seed)
@@ -198,7 +229,7 @@ def run_ablation(preset: dict, seed: int, work: Path, results: dict, on_variant=
 
 
 def markdown(report: dict) -> str:
-    seeds = report["seeds"]
+    seeds = [s for s in report["seeds"] if str(s) in report["runs"]]
     runs = [report["runs"][str(s)] for s in seeds]
     names = list(dict.fromkeys(n for r in runs for n in r["variants"]))
     counts = {n: sum(n in r["variants"] for r in runs) for n in names}
@@ -245,7 +276,7 @@ def markdown(report: dict) -> str:
     lines += ["| variant | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
     for name in names:
         cells = [
-            f"{np.mean([r['variants'][name]['validation']['auroc_per_op'][o] for r in runs]):.2f}"
+            f"{np.mean([r['variants'][name]['validation']['auroc_per_op'][o] for r in runs if name in r['variants']]):.2f}"
             for o in ops
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -282,6 +313,12 @@ def main(argv=None) -> int:
         type=Path,
         help="add the variants of this results.json (an --ablation-only run) to --output's results.json",
     )
+    parser.add_argument(
+        "--posthoc-only",
+        action="store_true",
+        help="only the post-hoc variants, from the checkpoints of --paper-runs and --work-dir",
+    )
+    parser.add_argument("--only", nargs="+", help="with --posthoc-only: evaluate only these variants")
     parser.add_argument(
         "--no-posthoc", action="store_true", help="skip the post-hoc variants of the paper head"
     )
@@ -323,6 +360,12 @@ def main(argv=None) -> int:
         report.setdefault("merged_commands", []).append(extra["command"])
         save()
         print(markdown(report))
+        return 0
+    if args.posthoc_only:
+        for seed in seeds:
+            print(f"== post-hoc, seed {seed}", flush=True)
+            report["runs"][str(seed)] = run_posthoc(preset, seed, work, args.paper_runs, args.only)
+            save()
         return 0
     if args.ablation_only:
         for seed in ablation_seeds:

@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--head-config",
-        choices=("paper", "default"),
+        choices=("paper", "default", "all"),
         default="paper",
         help="the paper's head or the project's default head (multi-scale, global and Gaussian terms)",
     )

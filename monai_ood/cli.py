@@ -335,10 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--head-config",
-        choices=("default", "paper"),
+        choices=("default", "paper", "all"),
         default="default",
-        help="the project's improved head (default) or the paper's head exactly as published; the options "
-        "below override single levers",
+        help="the project's head (default: the paper's training + prototypes refitted + a Gaussian term), "
+        "the paper's head exactly as published, or every lever (all); the options below override single levers",
     )
     on_off = {"true": True, "false": False}
     p.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -408,8 +409,10 @@ class PrototypeOODNet(HookedEncoderNet):
             MahalanobisPrototypes(num_classes, head_channels) for _ in self.extra_layers
         )
         self._extra_captured: dict[str, torch.Tensor] = {}
+        # partial of a bound method, not a closure: copy.deepcopy(net) then hooks into the copy
         self._extra_handles = [
-            modules[n].register_forward_hook(self._extra_hook(n)) for n in self.extra_layers
+            modules[n].register_forward_hook(functools.partial(self._record_extra, n))
+            for n in self.extra_layers
         ]
 
         self.global_grid = int(global_grid)
@@ -435,12 +438,9 @@ class PrototypeOODNet(HookedEncoderNet):
         self.register_buffer("term_weibull", weibull)
 
     # -- hooks ------------------------------------------------------------------------------------------
-    def _extra_hook(self, name: str):
-        def hook(module, inputs, output):
-            if self._capturing:
-                self._extra_captured[name] = _first_tensor(output)
-
-        return hook
+    def _record_extra(self, name: str, module: nn.Module, inputs, output) -> None:
+        if self._capturing:
+            self._extra_captured[name] = _first_tensor(output)
 
     @contextlib.contextmanager
     def _capture(self, stop: bool) -> Iterator[None]:

@@ -315,7 +315,7 @@ def test_head_configs_fill_unset_levers_and_validate():
     paper = TrainingConfig(head_config="paper")
     assert {k: getattr(paper, k) for k in HEAD_CONFIGS["paper"]} == HEAD_CONFIGS["paper"]
     default = TrainingConfig()
-    assert default.head_config == "default" and default.wrapper_kwargs["global_head"] is True
+    assert default.head_config == "default" and default.refit and default.wrapper_kwargs["gaussian_term"]
     mixed = TrainingConfig(head_config="paper", global_head=True)
     assert mixed.global_head is True and mixed.extra_layers == 0
     assert TrainingConfig.from_dict(mixed.to_dict()) == mixed
@@ -329,9 +329,9 @@ def test_head_configs_fill_unset_levers_and_validate():
             TrainingConfig(**bad)
 
 
-def test_default_head_trains_refits_and_calibrates_its_terms(data, tmp_path):
+def test_every_lever_trains_refits_and_calibrates_its_terms(data, tmp_path):
     train_items, val_items = data
-    config = _config(head_config="default", outlier_ops=("rotate180", "local_shuffle", "blob"))
+    config = _config(head_config="all", outlier_ops=("rotate180", "local_shuffle", "blob"))
     result = train(
         train_items, val_items, config, tmp_path / "run", SlicePreprocessing(size=(32, 32)), progress=False
     )
@@ -350,3 +350,27 @@ def test_default_head_trains_refits_and_calibrates_its_terms(data, tmp_path):
     assert not torch.equal(before, after.term_weibull)  # the hazards were fitted on the validation images
     scores = after.ood(torch.from_numpy(np.stack([i["image"] for i in val_items]))).image_score
     assert torch.isfinite(scores).all()
+
+
+def test_default_head_refits_prototypes_on_the_training_features(data, tmp_path):
+    train_items, val_items = data
+    result = train(
+        train_items,
+        val_items,
+        _config(head_config="default"),
+        tmp_path / "run",
+        SlicePreprocessing(size=(32, 32)),
+        progress=False,
+    )
+    net = load_model(result.best_checkpoint, device="cpu").net
+    assert net.term_names[-1] == "gaussian" and bool(net.gaussian_fitted) and not net.extra_layers
+    # the refitted background prototype is the mean embedding of the background feature cells
+    from monai_ood.losses import labels_to_feature_grid
+
+    images = torch.from_numpy(np.stack([i["image"] for i in train_items]))
+    labels = torch.from_numpy(np.stack([i["label"] for i in train_items]))
+    with torch.no_grad():
+        v = net.head(net.encode(images)).double()
+    grid = labels_to_feature_grid(labels, 3, v.shape[2:])
+    background = v.movedim(1, -1)[grid == 0].mean(0)
+    torch.testing.assert_close(net.prototypes.means[0].double(), background, rtol=1e-4, atol=1e-5)

@@ -172,3 +172,15 @@ def test_fit_score_combination_fits_a_weibull_per_term():
     for t in range(terms.shape[1]):
         shape, _, scale = weibull_min.fit(terms[:, t], floc=0)
         np.testing.assert_allclose(net.term_weibull[t].numpy(), [shape, scale], rtol=2e-2)
+
+
+def test_a_deep_copy_hooks_into_the_copy():
+    import copy
+
+    net = _net(extra_layers=2).eval()
+    clone = copy.deepcopy(net)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clone.ood(x).image_score, net.ood(x).image_score)
+        clone.extra_prototypes[0].means.add_(1.0)  # the copy's own heads are the ones used
+        assert not torch.allclose(clone.ood(x).terms[:, 1], net.ood(x).terms[:, 1])
