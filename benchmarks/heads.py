@@ -283,6 +283,81 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the ablation variant that the validation criterion chose as the library's ``default`` head config
+DEFAULT_VARIANT = "+refit +Gaussian"
+
+
+def comparison_markdown(baselines: dict, heads: dict) -> str:
+    """The default head beside the paper's and every baseline (same seeds, data, protocol), with the goals."""
+    seeds = [str(s) for s in heads["seeds"] if str(s) in heads["runs"] and str(s) in baselines["runs"]]
+    rows = {}
+    for method in baselines["runs"][seeds[0]]["methods"]:
+        if method.startswith("prototype head"):
+            continue
+        rows[method] = [baselines["runs"][s]["methods"][method] for s in seeds]
+    rows["prototype head (paper)"] = [heads["runs"][s]["variants"]["paper"] for s in seeds]
+    rows["prototype head (default)"] = [heads["runs"][s]["variants"][DEFAULT_VARIANT] for s in seeds]
+    categories = sorted(rows["prototype head (paper)"][0]["categories"])
+    artefacts = sorted(rows["prototype head (paper)"][0]["severity_spearman"])
+    lines = [
+        "# The default head against the paper's and every baseline",
+        "",
+        f"Seeds {[int(s) for s in seeds]}. Baselines: `{baselines['command']}`; heads: `{heads['command']}` "
+        "(the paper heads are the checkpoints of the baselines' run; the default head is those weights "
+        "after the default's post-training step, prototypes refitted and the Gaussian term fitted).",
+        "",
+        "| method | "
+        + " | ".join(f"AUROC {c}" for c in categories)
+        + " | mean AUROC | AURC | min severity ρ |",
+        "|---" * (len(categories) + 4) + "|",
+    ]
+
+    def mean(rows_, key):
+        return float(np.mean([key(r) for r in rows_]))
+
+    summary = {}
+    for method, method_rows in rows.items():
+        cat = {c: mean(method_rows, lambda r, c=c: r["categories"][c]["auroc"]) for c in categories}
+        aurc = mean(method_rows, lambda r: r["failure"]["aurc"])
+        severity = {a: mean(method_rows, lambda r, a=a: r["severity_spearman"][a]) for a in artefacts}
+        summary[method] = (cat, aurc, severity)
+        cells = [_mean_std([r["categories"][c]["auroc"] for r in method_rows]) for c in categories]
+        cells += [
+            _mean_std([r["mean"]["auroc"] for r in method_rows]),
+            _mean_std([r["failure"]["aurc"] for r in method_rows]),
+            f"{min(severity.values()):.2f}",
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    cat, aurc, severity = summary["prototype head (default)"]
+    others = {m: v for m, v in summary.items() if not m.startswith("prototype head")}
+    beaten = {c: [m for m, v in others.items() if v[0][c] > cat[c]] for c in categories}
+    lines += ["", "Goals of issue 5 for the default head (means over the seeds):", ""]
+    for c in categories:
+        lines.append(
+            f"- {c} AUROC {cat[c]:.3f} ≥ every baseline: {'yes' if not beaten[c] else 'no, below ' + ', '.join(beaten[c])}"
+        )
+    better_aurc = [m for m, v in others.items() if v[1] < aurc]
+    lines.append(
+        f"- AURC {aurc:.3f} ≤ every baseline: {'yes' if not better_aurc else 'no, above ' + ', '.join(better_aurc)}"
+    )
+    for c, goal in (("C1", 0.99), ("C2", 0.98), ("C3", 0.90)):
+        if c in cat:
+            lines.append(f"- {c} ≥ {goal}: {cat[c]:.3f} ({'met' if cat[c] >= goal else 'missed'})")
+    lines.append(
+        "- Spearman with severity ≥ 0.9 per artefact: "
+        + ", ".join(f"{a} {v:.2f}" for a, v in severity.items())
+        + (" (met)" if min(severity.values()) >= 0.9 else " (missed)")
+    )
+    dice = [heads["runs"][s]["variants"][DEFAULT_VARIANT]["dice"]["mean"] for s in seeds]
+    plain = [baselines["runs"][s]["facts"]["dice"]["plain"]["mean"] for s in seeds]
+    lines.append(
+        f"- Dice ≥ plain − 0.005: {np.mean(dice):.3f} vs plain {np.mean(plain):.3f} "
+        f"({'met' if np.mean(dice) >= np.mean(plain) - 0.005 else 'missed'}; the default keeps the paper "
+        "head's segmentation weights)"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
@@ -322,6 +397,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--no-posthoc", action="store_true", help="skip the post-hoc variants of the paper head"
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="a run.py results.json: write comparison.md (default head vs paper head vs baselines) beside "
+        "--output's results.json",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--work-dir", type=Path)
     args = parser.parse_args(argv)
@@ -347,6 +428,13 @@ def main(argv=None) -> int:
         atomic_write_text(output / "results.json", json.dumps(report, indent=2), overwrite=True)
         atomic_write_text(output / "results.md", markdown(report), overwrite=True)
 
+    if args.compare is not None:
+        baselines = json.loads(args.compare.read_text(encoding="utf-8"))
+        heads = json.loads((output / "results.json").read_text(encoding="utf-8"))
+        text = comparison_markdown(baselines, heads)
+        atomic_write_text(output / "comparison.md", text, overwrite=True)
+        print(text)
+        return 0
     if args.merge is not None:
         report = json.loads((output / "results.json").read_text(encoding="utf-8"))
         extra = json.loads(args.merge.read_text(encoding="utf-8"))
