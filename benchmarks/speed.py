@@ -222,7 +222,7 @@ def main() -> None:
     )
     print(f"calibration Weibull fit on 10^7 values        : {s['weibull_fit_1e7']:.2f} s  (goal <= 2 s)")
     print(f"            Weibull transform of 10^7 values  : {s['weibull_transform_1e7']:.2f} s")
-    print(f"written to {args.output}")
+    print(f"written to {output}")
 
 
 if __name__ == "__main__":
