@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import (  # noqa: E402
     CLASS_NAMES,
     PRESETS,
+    _fit_posthoc_terms,
     _mean_std,
     _scores,
     _segment,
@@ -57,10 +58,6 @@ TRAINED = {
 }
 
 
-def _batches(images: np.ndarray, size: int = 32):
-    return (torch.from_numpy(images[i : i + size]) for i in range(0, len(images), size))
-
-
 def _pairs(items, size: int = 32):
     for i in range(0, len(items), size):
         chunk = items[i : i + size]
@@ -70,9 +67,23 @@ def _pairs(items, size: int = 32):
         )
 
 
+def _with_gaussian_term(paper, data, refit_prototypes: bool):
+    """A copy of the paper head with the Gaussian term added, fitted as ``train`` + ``calibrate`` do."""
+    net = type(paper)(
+        copy.deepcopy(paper.backbone),
+        paper.num_classes,
+        paper.layer,
+        head_channels=paper.num_dims,
+        gaussian_term=True,
+    )
+    net.load_state_dict(paper.state_dict(), strict=False)
+    net.refit(_pairs(data["train"]), prototypes=refit_prototypes)
+    _fit_posthoc_terms(net, data)
+    return net.eval()
+
+
 def _posthoc_variants(paper, run_dir: Path, data) -> dict:
     """Post-hoc levers applied to the trained paper head (copies; the paper head is unchanged)."""
-    val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
     variants = {}
     quantile = copy.deepcopy(paper)
     quantile.aggregation = "quantile"
@@ -81,25 +92,8 @@ def _posthoc_variants(paper, run_dir: Path, data) -> dict:
     foreground.aggregation = "foreground"
     variants["+foreground"] = foreground
     variants["+refit"] = copy.deepcopy(paper).refit(_pairs(data["train"]))
-    hybrid = copy.deepcopy(paper)
-    hybrid = type(paper)(
-        hybrid.backbone, paper.num_classes, paper.layer, head_channels=paper.num_dims, gaussian_term=True
-    )
-    hybrid.load_state_dict(paper.state_dict(), strict=False)
-    hybrid.refit(_pairs(data["train"]), prototypes=False)
-    hybrid.fit_score_combination(_batches(val))
-    variants["+Gaussian (hybrid)"] = hybrid.eval()
-    both = type(paper)(
-        copy.deepcopy(paper.backbone),
-        paper.num_classes,
-        paper.layer,
-        head_channels=paper.num_dims,
-        gaussian_term=True,
-    )
-    both.load_state_dict(paper.state_dict(), strict=False)
-    both.refit(_pairs(data["train"]))
-    both.fit_score_combination(_batches(val))
-    variants["+refit +Gaussian"] = both.eval()
+    variants["+Gaussian (hybrid)"] = _with_gaussian_term(paper, data, refit_prototypes=False)
+    variants["+refit +Gaussian"] = _with_gaussian_term(paper, data, refit_prototypes=True)
     last = copy.deepcopy(paper)
     last.load_state_dict(load_training_state(run_dir / "last.pt")["model"])
     variants["+last epoch"] = last.eval()
@@ -151,9 +145,7 @@ def _train_variant(name: str, preset: dict, seed: int, work: Path, prep, data, f
     result = train(data["train"], data["validation"], config, run_dir, prep, CLASS_NAMES, overwrite=True)
     facts[name] = {"train_seconds": time.perf_counter() - start, "config": config.to_dict()}
     net = load_model(result.best_checkpoint, device="cpu").net
-    if net.term_weibull is not None:  # what `calibrate` does for a multi-term head
-        val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
-        net.fit_score_combination(_batches(val))
+    _fit_posthoc_terms(net, data)  # what `calibrate` does for a multi-term head
     return net, run_dir
 
 
@@ -204,8 +196,7 @@ def run_posthoc(preset: dict, seed: int, work: Path, paper_runs: Path, only=None
     nets = _posthoc_variants(paper, run_dir, data)
     default = load_model(work / f"seed{seed}" / "default_all" / "model.pt", device="cpu").net
     refitted = copy.deepcopy(default).refit(_pairs(data["train"]))
-    val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
-    refitted.fit_score_combination(_batches(val))
+    _fit_posthoc_terms(refitted, data)
     nets["default + refit"] = refitted
     results = {"facts": {}, "variants": {}}
     for name, net in nets.items():
@@ -226,6 +217,19 @@ def run_ablation(preset: dict, seed: int, work: Path, results: dict, on_variant=
         print(f"   evaluating {name}", flush=True)
         results["variants"][name] = _evaluate(net, data, seed, ind_images, base, sets)
         on_variant()
+
+
+def _mean_table(names, runs, title: str, values) -> list[str]:
+    """A markdown table of ``values(row)`` (a dict of columns) per variant, mean over the seeds that have it."""
+    columns = list(values(runs[0]["variants"][names[0]]))
+    lines = ["", f"{title} (mean over seeds):", ""]
+    lines += ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in names:
+        rows = [values(r["variants"][name]) for r in runs if name in r["variants"]]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{np.mean([v[c] for v in rows]):.2f}" for c in columns) + " |"
+        )
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -262,24 +266,10 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {name} ({counts[name]} seed{'s' if counts[name] > 1 else ''}) | " + " | ".join(cells) + " |"
         )
-    lines += ["", "Severity ρ per artefact (mean over seeds):", ""]
-    artefacts = sorted(runs[0]["variants"][names[0]]["severity_spearman"])
-    lines += ["| variant | " + " | ".join(artefacts) + " |", "|---" * (len(artefacts) + 1) + "|"]
-    for name in names:
-        cells = [
-            f"{np.mean([r['variants'][name]['severity_spearman'][a] for r in runs if name in r['variants']]):.2f}"
-            for a in artefacts
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    ops = list(runs[0]["variants"][names[0]]["validation"]["auroc_per_op"])
-    lines += ["", "Validation AUROC per synthesis op (mean over seeds):", ""]
-    lines += ["| variant | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
-    for name in names:
-        cells = [
-            f"{np.mean([r['variants'][name]['validation']['auroc_per_op'][o] for r in runs if name in r['variants']]):.2f}"
-            for o in ops
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _mean_table(names, runs, "Severity ρ per artefact", lambda row: row["severity_spearman"])
+    lines += _mean_table(
+        names, runs, "Validation AUROC per synthesis op", lambda row: row["validation"]["auroc_per_op"]
+    )
     return "\n".join(lines) + "\n"
 
 

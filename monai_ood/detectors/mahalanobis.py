@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
+from ..networks.gaussian import cholesky_with_ridge, mahalanobis_distance
 from ..networks.presets import feature_layer_for
 from ..networks.prototype_net import PrototypeOODNet, encode_until
 from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, module_device, to_input_size
@@ -17,23 +18,6 @@ from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, 
 __all__ = ["MahalanobisDetector"]
 
 _ADAPTIVE_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
-
-
-def _cholesky(covariance: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of a float64 covariance; adds a small ridge if round-off left it singular."""
-    chol, info = torch.linalg.cholesky_ex(covariance)
-    if int(info) == 0:
-        return chol
-    dim = covariance.shape[0]
-    scale = max(float(torch.diagonal(covariance).mean()), 1e-12)
-    eye = torch.eye(dim, dtype=covariance.dtype, device=covariance.device)
-    for ridge in (1e-10, 1e-8, 1e-6, 1e-4):
-        chol, info = torch.linalg.cholesky_ex(covariance + ridge * scale * eye)
-        if int(info) == 0:
-            return chol
-    raise ValueError(
-        "the feature covariance is not positive definite even with a ridge; are the features constant?"
-    )
 
 
 class MahalanobisDetector(Detector):
@@ -141,7 +125,7 @@ class MahalanobisDetector(Detector):
         self.covariance_ = torch.from_numpy(np.asarray(estimator.covariance_, dtype=np.float64)).clone()
         self.shrinkage_ = float(estimator.shrinkage_)
         self.num_train_ = len(x)
-        self._cholesky = _cholesky(self.covariance_)
+        self._cholesky = cholesky_with_ridge(self.covariance_)
         self._device_cache = None
 
     # -- scoring ----------------------------------------------------------------------------------------
@@ -159,9 +143,7 @@ class MahalanobisDetector(Detector):
             raise ValueError(
                 f"expected {mean.shape[0]}-dimensional vectors, got shape {tuple(vectors.shape)}"
             )
-        centred = (vectors.double() - mean).T  # (D, N)
-        whitened = torch.linalg.solve_triangular(chol, centred, upper=False)
-        return whitened.square().sum(dim=0).sqrt()
+        return mahalanobis_distance(vectors, mean, chol)
 
     def _predict(self, images: torch.Tensor) -> DetectorOutput:
         features = self.features(images)

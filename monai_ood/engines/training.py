@@ -942,23 +942,17 @@ def train(
         recorder.restore(state)
         logger.info("resuming %s at epoch %d of %d", last_path, trainer.state.epoch, config.max_epochs)
 
+    def save_final_weights(dice: float | None, **extra: Any) -> None:
+        metrics = {KEY_METRIC: dice, "epoch": trainer.state.epoch, "iteration": trainer.state.iteration}
+        save_model(
+            best_path, net, model_config, preprocessing, class_names=class_names, metrics={**metrics, **extra}
+        )
+
     if trainer.state.epoch < config.max_epochs:
         trainer.run()
         if config.select_by == "last":
             last_validation = next((r for r in reversed(recorder.history) if KEY_METRIC in r), {})
-            save_model(
-                best_path,
-                net,
-                model_config,
-                preprocessing,
-                class_names=class_names,
-                metrics={
-                    KEY_METRIC: last_validation.get(KEY_METRIC),
-                    "epoch": trainer.state.epoch,
-                    "iteration": trainer.state.iteration,
-                    "selected_by": "last",
-                },
-            )
+            save_final_weights(last_validation.get(KEY_METRIC), selected_by="last")
         if config.refit or net.gaussian_term:
             from .calibration import refit
 
@@ -966,12 +960,5 @@ def train(
     if not best_path.exists():
         # No validation ran (val_interval > max_epochs): the final weights are the only model there is.
         warnings.warn(f"no validation ran, so {best_path} holds the final weights", stacklevel=2)
-        save_model(
-            best_path,
-            net,
-            model_config,
-            preprocessing,
-            class_names=class_names,
-            metrics={KEY_METRIC: None, "epoch": trainer.state.epoch, "iteration": trainer.state.iteration},
-        )
+        save_final_weights(None)
     return TrainResult(best_checkpoint=best_path, last_checkpoint=last_path, history=recorder.history)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .gaussian import cholesky_with_ridge, mahalanobis_distance
 from .prototypes import MahalanobisPrototypes, ProjectionHead
 
 __all__ = [
@@ -502,9 +503,9 @@ class PrototypeOODNet(HookedEncoderNet):
         """Mahalanobis distance ``(B,)`` of globally pooled features to the fitted Gaussian (float64)."""
         if not bool(self.gaussian_fitted):
             raise RuntimeError("the Gaussian term is not fitted: call net.refit(train_batches) first")
-        centred = (features.flatten(2).mean(dim=2).double() - self.gaussian_mean).T
-        whitened = torch.linalg.solve_triangular(self.gaussian_cholesky, centred, upper=False)
-        return whitened.square().sum(dim=0).sqrt()
+        return mahalanobis_distance(
+            features.flatten(2).mean(dim=2), self.gaussian_mean, self.gaussian_cholesky
+        )
 
     def _foreground_on(self, logits: torch.Tensor | None, size: Sequence[int]) -> torch.Tensor | None:
         if logits is None or self.aggregation != "foreground":
@@ -665,15 +666,13 @@ class PrototypeOODNet(HookedEncoderNet):
         if self.gaussian_term:
             from sklearn.covariance import LedoitWolf
 
-            from ..detectors.mahalanobis import _cholesky
-
             x = torch.cat(pooled)
             if len(x) < 2 or not torch.isfinite(x).all():
                 raise ValueError("the Gaussian term needs >= 2 training images with finite features")
             estimator = LedoitWolf().fit(x.numpy())
             covariance = torch.from_numpy(estimator.covariance_).double()
             self.gaussian_mean.copy_(torch.from_numpy(estimator.location_).to(self.gaussian_mean))
-            self.gaussian_cholesky.copy_(_cholesky(covariance).to(self.gaussian_cholesky))
+            self.gaussian_cholesky.copy_(cholesky_with_ridge(covariance).to(self.gaussian_cholesky))
             self.gaussian_fitted.fill_(True)
         self.train(was_training)
         return self

@@ -1,13 +1,3 @@
 """Stand-in for timm (see tests/integrations/stubs/README.md): names import, using them raises."""
 
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-
-    class _Unavailable:
-        def __init__(self, *args, **kwargs):
-            raise ImportError(f"timm is not installed (test stand-in for timm.{name})")
-
-    _Unavailable.__name__ = name
-    return _Unavailable
+from timm import __getattr__  # noqa: F401  (the one stand-in, shared by every stub module)
