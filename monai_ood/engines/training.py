@@ -948,17 +948,19 @@ def train(
             best_path, net, model_config, preprocessing, class_names=class_names, metrics={**metrics, **extra}
         )
 
-    if trainer.state.epoch < config.max_epochs:
+    trained = trainer.state.epoch < config.max_epochs
+    if trained:
         trainer.run()
         if config.select_by == "last":
             last_validation = next((r for r in reversed(recorder.history) if KEY_METRIC in r), {})
             save_final_weights(last_validation.get(KEY_METRIC), selected_by="last")
-        if config.refit or net.gaussian_term:
-            from .calibration import refit
-
-            refit(best_path, train_items, prototypes=config.refit, device=device)
     if not best_path.exists():
         # No validation ran (val_interval > max_epochs): the final weights are the only model there is.
         warnings.warn(f"no validation ran, so {best_path} holds the final weights", stacklevel=2)
         save_final_weights(None)
+    if trained and (config.refit or net.gaussian_term):
+        # after model.pt exists in every case (also when no validation ran)
+        from .calibration import refit
+
+        refit(best_path, train_items, prototypes=config.refit, device=device)
     return TrainResult(best_checkpoint=best_path, last_checkpoint=last_path, history=recorder.history)

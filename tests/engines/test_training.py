@@ -374,3 +374,11 @@ def test_default_head_refits_prototypes_on_the_training_features(data, tmp_path)
     grid = labels_to_feature_grid(labels, 3, v.shape[2:])
     background = v.movedim(1, -1)[grid == 0].mean(0)
     torch.testing.assert_close(net.prototypes.means[0].double(), background, rtol=1e-4, atol=1e-5)
+
+
+def test_default_head_is_refitted_even_when_no_validation_ran(data, tmp_path):
+    train_items, val_items = data
+    config = _config(head_config="default", max_epochs=1, val_interval=2)
+    with pytest.warns(UserWarning, match="no validation ran"):
+        result = train(train_items, val_items, config, tmp_path, PREPROCESSING, progress=False)
+    assert bool(load_model(result.best_checkpoint, device="cpu").net.gaussian_fitted)
