@@ -564,14 +564,6 @@ class PrototypeOODNet(HookedEncoderNet):
         terms = self.term_scores(scale_distances, features, logits)
         return OODOutput(scale_distances[0], score_map, upsampled, self.combine_terms(terms), terms)
 
-    @staticmethod
-    def ood_from_distances(distances: torch.Tensor, input_size: Sequence[int] | None = None) -> OODOutput:
-        """The paper's outputs from per-class distances ``(B, K, *S)``: ``A``, upsampled ``A``, mean of ``A``."""
-        score_map = distances.min(dim=1, keepdim=True).values
-        upsampled = None if input_size is None else _resize(score_map, input_size)
-        # ||A||_1 / (number of feature pixels): A >= 0, so this is the mean over the feature grid.
-        return OODOutput(distances, score_map, upsampled, score_map.flatten(1).mean(dim=1))
-
     # -- passes -----------------------------------------------------------------------------------------
     def forward_with_ood(self, x: torch.Tensor) -> tuple[torch.Tensor, OODOutput]:
         """One pass of the whole network: ``(logits, OODOutput)``."""
@@ -687,16 +679,7 @@ class PrototypeOODNet(HookedEncoderNet):
         device = self.prototypes.means.device
         terms = []
         for images in images_batches:
-            x = images.to(device)
-            if self.aggregation == "foreground":
-                logits, features = self.forward_capturing(x)
-            else:
-                logits, features = None, self.encode(x)
-            terms.append(
-                self.term_scores(self.scale_distances(features, self._take_extra()), features, logits)
-                .double()
-                .cpu()
-            )
+            terms.append(self.ood(images.to(device)).terms.double().cpu())
         self.train(was_training)
         terms = torch.cat(terms)
         if self.term_weibull is None:
