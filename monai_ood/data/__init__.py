@@ -4,7 +4,7 @@ All sources install from package registries and load offline (see BENCHMARK.md);
 through :func:`monai_ood.preprocessing.volume_to_slices`, the code path used for scoring.
 """
 
-from .brain import (
+from ..benchmark.pool import (
     CLASS_NAMES,
     NUM_CLASSES,
     brain_cache_path,
@@ -15,7 +15,7 @@ from .brain import (
     mni152_2009a_paths,
 )
 from .datalist import datalist_to_slices, load_datalist
-from .ood_sources import (
+from ..benchmark.ood_sets import (
     ARTEFACTS,
     CATEGORIES,
     MissingSourceWarning,
