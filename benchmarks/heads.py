@@ -10,7 +10,7 @@ made from them by each operation of ``OutlierSynthesis`` (the paper's six and th
 default can be chosen without a test OOD set (``validation`` in the results).
 
 Run: ``python benchmarks/heads.py --full`` (seeds 0 1 2, 30 epochs; the single-lever trained variants on
-``--ablation-seeds``, default the first seed) or ``--quick``. Results: ``benchmarks/results/heads/{results.json,results.md}``.
+``--ablation-seeds``, default the first seed) or ``--quick``. Results: ``benchmarks/results/v1/heads/{results.json,results.md}`` (v1 data).
 """
 
 from __future__ import annotations

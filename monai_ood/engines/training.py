@@ -147,7 +147,7 @@ HEAD_CONFIGS: dict[str, dict[str, Any]] = {
         "outlier_ops": PAPER_OPS,
     },
     # chosen by the highest validation AUROC against outliers synthesised from validation slices, with
-    # the validation Dice kept (benchmarks/results/heads): the paper's training, then the prototypes
+    # the validation Dice kept (benchmarks/results/v1/heads): the paper's training, then the prototypes
     # re-estimated from the training features and the post-hoc Gaussian term added
     "default": {
         "extra_layers": 0,
