@@ -155,6 +155,7 @@ def build_methods(data, preset, prep, seed, work: Path):
         AutoencoderDetector,
         EnergyDetector,
         EnsembleDetector,
+        EnsembleDiceDetector,
         EntropyDetector,
         FCDDDetector,
         FeatureStatisticsDetector,
@@ -204,7 +205,7 @@ def build_methods(data, preset, prep, seed, work: Path):
             dropout.backbone,
         ),
         "ensemble entropy": (EnsembleDetector(members), members[0]),
-        "ensemble pairwise Dice": (EnsembleDetector(members, score="pairwise_dice"), members[0]),
+        "ensemble pairwise Dice": (EnsembleDiceDetector(members), members[0]),
         "FCDD": (FCDDDetector(fcdd_net), fcdd_net),
         "Mahalanobis": (MahalanobisDetector(plain.backbone).fit(data["train"]), plain.backbone),
         "feature statistics (FRODO)": (

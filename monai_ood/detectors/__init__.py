@@ -6,9 +6,11 @@ Each method is one file; :data:`DETECTORS` maps the benchmark's names to the cla
 from .autoencoder import AutoencoderDetector
 from .base import Detector, DetectorOutput, NotFittedError
 from .energy import EnergyDetector
-from .ensemble import EnsembleDetector
+from .ensemble import EnsembleDetector, EnsembleDiceDetector, pairwise_dice
 from .entropy import EntropyDetector
 from .fcdd import FCDDDetector, FCDDLoss, FCDDNet, train_fcdd
+from .feature_statistics import FeatureStatisticsDetector
+from .intensity_histogram import IntensityHistogramDetector, intensity_histograms
 from .mahalanobis import MahalanobisDetector
 from .mc_dropout import MCDropoutDetector
 from .mecam import MECAMDetector, find_decoder_exits
@@ -24,8 +26,11 @@ DETECTORS = {
         EnergyDetector,
         MCDropoutDetector,
         EnsembleDetector,
+        EnsembleDiceDetector,
         FCDDDetector,
         MahalanobisDetector,
+        FeatureStatisticsDetector,
+        IntensityHistogramDetector,
         MECAMDetector,
         AutoencoderDetector,
     )
@@ -38,10 +43,13 @@ __all__ = [
     "DetectorOutput",
     "EnergyDetector",
     "EnsembleDetector",
+    "EnsembleDiceDetector",
     "EntropyDetector",
     "FCDDDetector",
     "FCDDLoss",
     "FCDDNet",
+    "FeatureStatisticsDetector",
+    "IntensityHistogramDetector",
     "MCDropoutDetector",
     "MECAMDetector",
     "MahalanobisDetector",
@@ -49,5 +57,7 @@ __all__ = [
     "NotFittedError",
     "PrototypeDetector",
     "find_decoder_exits",
+    "intensity_histograms",
+    "pairwise_dice",
     "train_fcdd",
 ]
