@@ -92,7 +92,9 @@ class BenchmarkSets:
         return {
             "ind": len(self.ind),
             "artefact_base": len(self.artefact_base),
-            "sets": {name: {"category": items[0].category, "n": len(items)} for name, items in self.ood.items()},
+            "sets": {
+                name: {"category": items[0].category, "n": len(items)} for name, items in self.ood.items()
+            },
             "sources": dict(self.sources),
         }
 
@@ -252,7 +254,9 @@ def evaluate(
         for artefact, (scores, severities) in sorted(by_artefact.items())
     }
     if failure["segmentation"] and len(failure["segmentation"]) == len(failure["scores"]):
-        risks = 1.0 - dice_per_image(np.stack(failure["segmentation"]), np.stack(failure["labels"]), num_classes)
+        risks = 1.0 - dice_per_image(
+            np.stack(failure["segmentation"]), np.stack(failure["labels"]), num_classes
+        )
         row["failure"] = risk_coverage(failure["scores"], risks)
     row["categories"] = category_means(row["sets"])
     mean_sets = [v for v in row["sets"].values() if v["category"] in MEAN_CATEGORIES]

