@@ -70,7 +70,7 @@ PRESETS = {
         "preprocessing": {"spacing": (2.0, 2.0), "size": (112, 96)},
         "network_kwargs": {},
         "head_channels": 64,
-        "steps": 600,
+        "steps": 500,
         "ensemble_members": 5,
         "mc_passes": 10,
         "artefact_limit": None,
