@@ -710,6 +710,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "monai-ood"
 
 
+def _gmm_settings() -> dict[str, Any]:
+    """The label refinement's settings, as the cache key and the label report record them."""
+    return {
+        "components": list(GMM_COMPONENTS),
+        "sample_mm": GMM_SAMPLE_MM,
+        "iterations": GMM_ITERATIONS,
+        "tolerance": GMM_TOLERANCE,
+    }
+
+
 def _settings(preprocessing: SlicePreprocessing, volumes: Sequence[str]) -> dict[str, Any]:
     # Everything the cached content depends on; a JSON round trip turns tuples into lists once, here.
     settings = {
@@ -719,12 +729,7 @@ def _settings(preprocessing: SlicePreprocessing, volumes: Sequence[str]) -> dict
         "slice_spacing_mm": SLICE_SPACING_MM,
         "brain_mask_threshold": BRAIN_MASK_THRESHOLD,
         "prior_floor": PRIOR_FLOOR,
-        "gmm": {
-            "components": list(GMM_COMPONENTS),
-            "sample_mm": GMM_SAMPLE_MM,
-            "iterations": GMM_ITERATIONS,
-            "tolerance": GMM_TOLERANCE,
-        },
+        "gmm": _gmm_settings(),
         "dither_seed": DITHER_SEED,
         "min_brain_fraction": MIN_BRAIN_FRACTION,
         "slab_mm": SLAB_MM,
@@ -1074,12 +1079,7 @@ def pool_label_report(volumes: Sequence[str] | None = None) -> dict[str, Any]:
         "command": "python -m monai_ood.benchmark.pool --report docs/benchmark",
         "settings": {
             "prior_floor": PRIOR_FLOOR,
-            "gmm": {
-                "components": list(GMM_COMPONENTS),
-                "sample_mm": GMM_SAMPLE_MM,
-                "iterations": GMM_ITERATIONS,
-                "tolerance": GMM_TOLERANCE,
-            },
+            "gmm": _gmm_settings(),
             "dither_seed": DITHER_SEED,
             "slice_spacing_mm": SLICE_SPACING_MM,
         },

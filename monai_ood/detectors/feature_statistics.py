@@ -9,10 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.utils import look_up_option
-from sklearn.covariance import LedoitWolf
 from torch import nn
 
-from ..networks.gaussian import cholesky_with_ridge, mahalanobis_distance
+from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from ..networks.presets import encoder_stages
 from ..networks.prototype_net import PrototypeOODNet, _first_tensor
 from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, module_device
@@ -197,11 +196,11 @@ class FeatureStatisticsDetector(Detector):
         for layer, x in zip(self.layers, train, strict=True):
             if not np.isfinite(x).all():
                 raise ValueError(f"the statistics of stage {layer!r} contain NaN or inf")
-            estimator = LedoitWolf(assume_centered=False).fit(x)
-            means.append(torch.from_numpy(np.asarray(estimator.location_, dtype=np.float64)).clone())
-            covariances.append(torch.from_numpy(np.asarray(estimator.covariance_, dtype=np.float64)).clone())
-            shrinkages.append(float(estimator.shrinkage_))
-            choleskys.append(cholesky_with_ridge(covariances[-1]))
+            gaussian = fit_shrunk_gaussian(x)
+            means.append(gaussian.mean)
+            covariances.append(gaussian.covariance)
+            shrinkages.append(gaussian.shrinkage)
+            choleskys.append(gaussian.cholesky)
         self.means_, self.covariances_, self.shrinkages_ = means, covariances, shrinkages
         self._choleskys, self._device_cache = choleskys, None
         self.num_train_ = len(train_items)

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.utils import look_up_option
-from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 
-from ..networks.gaussian import cholesky_with_ridge, mahalanobis_distance
+from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from .base import Detector, DetectorOutput, NotFittedError
 
 __all__ = ["IntensityHistogramDetector", "intensity_histograms"]
@@ -177,12 +176,8 @@ class IntensityHistogramDetector(Detector):
                 )
             self.pca_ = PCA(n_components=self.pca, svd_solver="full").fit(histograms)
         x = self.embed_histograms(histograms)
-        estimator = LedoitWolf(assume_centered=False).fit(x)
-        self.mean_ = torch.from_numpy(np.asarray(estimator.location_, dtype=np.float64)).clone()
-        self.covariance_ = torch.from_numpy(np.asarray(estimator.covariance_, dtype=np.float64)).clone()
-        self.shrinkage_ = float(estimator.shrinkage_)
+        self.mean_, self.covariance_, self._cholesky, self.shrinkage_ = fit_shrunk_gaussian(x)
         self.num_train_ = len(x)
-        self._cholesky = cholesky_with_ridge(self.covariance_)
 
     def embed_histograms(self, histograms: np.ndarray) -> np.ndarray:
         """Apply the fitted PCA (if any) to histograms ``(N, C * bins)``."""

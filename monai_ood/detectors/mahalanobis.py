@@ -7,10 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.covariance import LedoitWolf
 from torch import nn
 
-from ..networks.gaussian import cholesky_with_ridge, mahalanobis_distance
+from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from ..networks.presets import feature_layer_for
 from ..networks.prototype_net import PrototypeOODNet, encode_until
 from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, module_device, to_input_size
@@ -120,12 +119,8 @@ class MahalanobisDetector(Detector):
         x = torch.cat(pooled).numpy()
         if not np.isfinite(x).all():
             raise ValueError(f"the features of layer {self.layer!r} contain NaN or inf")
-        estimator = LedoitWolf(assume_centered=False).fit(x)
-        self.mean_ = torch.from_numpy(np.asarray(estimator.location_, dtype=np.float64)).clone()
-        self.covariance_ = torch.from_numpy(np.asarray(estimator.covariance_, dtype=np.float64)).clone()
-        self.shrinkage_ = float(estimator.shrinkage_)
+        self.mean_, self.covariance_, self._cholesky, self.shrinkage_ = fit_shrunk_gaussian(x)
         self.num_train_ = len(x)
-        self._cholesky = cholesky_with_ridge(self.covariance_)
         self._device_cache = None
 
     # -- scoring ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .gaussian import cholesky_with_ridge, mahalanobis_distance
+from .gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from .prototypes import MahalanobisPrototypes, ProjectionHead
 
 __all__ = [
@@ -656,15 +656,12 @@ class PrototypeOODNet(HookedEncoderNet):
                     self.global_prototype.log_variances
                 )
         if self.gaussian_term:
-            from sklearn.covariance import LedoitWolf
-
             x = torch.cat(pooled)
             if len(x) < 2 or not torch.isfinite(x).all():
                 raise ValueError("the Gaussian term needs >= 2 training images with finite features")
-            estimator = LedoitWolf().fit(x.numpy())
-            covariance = torch.from_numpy(estimator.covariance_).double()
-            self.gaussian_mean.copy_(torch.from_numpy(estimator.location_).to(self.gaussian_mean))
-            self.gaussian_cholesky.copy_(cholesky_with_ridge(covariance).to(self.gaussian_cholesky))
+            gaussian = fit_shrunk_gaussian(x.numpy())
+            self.gaussian_mean.copy_(gaussian.mean.to(self.gaussian_mean))
+            self.gaussian_cholesky.copy_(gaussian.cholesky.to(self.gaussian_cholesky))
             self.gaussian_fitted.fill_(True)
         self.train(was_training)
         return self
