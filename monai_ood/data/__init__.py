@@ -13,7 +13,6 @@ from ..benchmark.ood_sets import (
     artefact_items,
     load_ood_sets,
     ood_source_images,
-    second_ind_test_set,
 )
 from ..benchmark.pool import (
     CLASS_NAMES,
@@ -46,5 +45,4 @@ __all__ = [
     "load_ood_sets",
     "mni152_2009a_paths",
     "ood_source_images",
-    "second_ind_test_set",
 ]
