@@ -397,6 +397,21 @@ def test_artefact_items_keep_labels_and_are_reproducible(test_items):
     assert not np.allclose(other_seed[1].image, items[3].image)
 
 
+def test_artefact_images_keep_the_clean_background(test_items):
+    """Skull stripping after the artefact: outside the clean slice's support every artefact image is 0,
+    exactly as the InD slices, so the background cannot give the artefact away; inside, it does act."""
+    subset = test_items[::8]
+    items = artefact_items(subset, severities=[1])
+    for n, item in enumerate(items):
+        clean = subset[n % len(subset)]["image"]
+        assert (item.image[clean == 0] == 0).all(), (item.artefact, n)
+        if item.artefact != "bias_field":  # a smooth gain: re-normalisation can undo most of it
+            assert np.abs(item.image - clean)[clean > 0].mean() > 1e-3, item.artefact
+    # without it (v2's first full run), k-space artefacts and noise spill into the background
+    spilled = artefact_items(subset[:1], artefacts=["spike", "noise"], severities=[1], skull_strip=False)
+    assert all((i.image[subset[0]["image"] == 0] > 0).mean() > 0.2 for i in spilled)
+
+
 def test_artefact_validation(test_items):
     with pytest.raises(ValueError, match="artefact must be one of"):
         apply_artefact(test_items[0]["image"], "gamma", 1)
@@ -404,6 +419,8 @@ def test_artefact_validation(test_items):
         apply_artefact(test_items[0]["image"], "noise", 4)
     with pytest.raises(ValueError, match="artefacts must be among"):
         artefact_items(test_items[:1], artefacts=["swap"])
+    with pytest.raises(ValueError, match="mask must have"):
+        apply_artefact(test_items[0]["image"], "noise", 1, mask=np.ones((1, 4, 4)))
 
 
 # --------------------------------------------------------------------------------- OODItem, all
