@@ -34,7 +34,7 @@ def _load_items(args, split: str, preprocessing):
         datalist_split = {"train": "training", "validation": "validation", "test": "test"}[split]
         items = load_datalist(args.datalist, split=datalist_split)
         return datalist_to_slices(items, preprocessing, num_classes=args.num_classes)
-    from .data.brain import load_brain_dataset
+    from .benchmark.pool import load_brain_dataset
 
     return load_brain_dataset(cache_dir=args.cache_dir, preprocessing=preprocessing)[split]
 

@@ -28,7 +28,7 @@ OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 
 
 def ood_set_name(item) -> str:
-    """The OOD set an :class:`~monai_ood.data.ood_sources.OODItem` belongs to: its source name, or
+    """The OOD set an :class:`~monai_ood.benchmark.ood_sets.OODItem` belongs to: its source name, or
     ``"<artefact> severity <s>"`` for the artefact versions of InD test slices."""
     return item.name if item.artefact is None else f"{item.artefact} severity {item.severity}"
 

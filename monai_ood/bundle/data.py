@@ -128,7 +128,7 @@ def load_slices(
     """
     preprocessing = preprocessing or SlicePreprocessing()
     if datalist is None:
-        from ..data.brain import load_brain_dataset
+        from ..benchmark.pool import load_brain_dataset
 
         brain_split = look_up_option(split, _BRAIN_SPLITS)
         items = load_brain_dataset(cache_dir=cache_dir, preprocessing=preprocessing)[brain_split]
@@ -181,7 +181,7 @@ def inference_items(
                 f"no NIfTI volume (.nii, .nii.gz) in {str(folder)!r} and no {split!r} list in a dataset.json there"
             )
         return [{"image": str(p)} for p in files]
-    from ..data.brain import mni152_2009a_paths
+    from ..benchmark.pool import mni152_2009a_paths
 
     return [{"image": str(mni152_2009a_paths()["t1"])}]
 

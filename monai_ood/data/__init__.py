@@ -1,7 +1,8 @@
-"""Data: the embedded brain tissue dataset (InD), the benchmark's OOD sets, and user datalists.
+"""Data: your datalists (:mod:`.datalist`), and the embedded InD pool and OOD sets for convenience.
 
-All sources install from package registries and load offline (see BENCHMARK.md); every image goes
-through :func:`monai_ood.preprocessing.volume_to_slices`, the code path used for scoring.
+The embedded data are the benchmark's and live in :mod:`monai_ood.benchmark` (``pool``, ``ood_sets``);
+they are re-exported here because ``monai-ood train`` and the bundles train on the pool by default. Every
+image goes through :func:`monai_ood.preprocessing.volume_to_slices`, the code path used for scoring.
 """
 
 from ..benchmark.ood_sets import (

@@ -63,8 +63,8 @@ def test_inference_slicing_reproduces_the_training_slices():
     """MONAI's LoadImaged -> Orientationd(slice_axcodes) -> Spacingd -> crop/pad -> NormalizeSlicesd gives
     the slices the model was trained on (monai_ood.preprocessing, SimpleITK): same orientation and framing
     (up to the half-pixel difference of the two grids' centring)."""
+    from monai_ood.benchmark.pool import load_mni152_t1
     from monai_ood.data import mni152_2009a_paths
-    from monai_ood.data.brain import load_mni152_t1
     from monai_ood.preprocessing import volume_to_slices
 
     preprocessing = SlicePreprocessing()
