@@ -6,24 +6,40 @@ Examples::
     monai-ood train --datalist data.json --output runs/mine  # your MONAI datalist
     monai-ood calibrate --checkpoint runs/brain/model.pt     # (train does this already)
     monai-ood score --checkpoint runs/brain/model.pt scan.nii.gz dicom_folder/ --output scores/
+    monai-ood score --checkpoint runs/brain/model.pt scans/ --output scores/ --resume  # finish or extend a batch
     monai-ood evaluate --checkpoint runs/brain/model.pt --output eval/
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import io
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .files import atomic_write_text
+from .files import (
+    AtomicFileSet,
+    atomic_write_text,
+    check_writable,
+    lock_folder,
+    remove_temporaries,
+    temporary_target,
+)
 
 __all__ = ["main", "build_parser"]
 
 OUTPUT_SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+# exit status (`monai-ood score --help` explains them to users)
+EXIT_FAILED_INPUTS = 1  # score went through every input, some failed: their rows say status=failed
+EXIT_ERROR = 2  # a usage or environment error stopped the command, reported in one line on stderr
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def _load_items(args, split: str, preprocessing):
@@ -100,6 +116,37 @@ def _cmd_train(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- errors
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space",
+    getattr(errno, "EDQUOT", -1): "free some of your disk quota",
+    errno.EROFS: "the file system is read-only; choose a folder on a writable one",
+    errno.EACCES: "check the permissions, or choose a folder you can write in",
+    errno.EPERM: "check the permissions, or choose a folder you can write in",
+}
+
+
+def _error_line(error: BaseException) -> str:
+    """An error as one line for a user: what happened, to which file, and what to do where that is known.
+
+    Operating-system errors name the file a temporary name stood for (``scan_seg.nii.gz``, not
+    ``.scan_seg.0123456789ab.tmp.nii.gz``).
+    """
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+        if error.filename is not None:
+            path = Path(os.fsdecode(error.filename))
+            target = temporary_target(path.name)
+            text += f": {str(path.with_name(target) if target else path)!r}"
+        if error.errno in _OS_HINTS:
+            text += f"; {_OS_HINTS[error.errno]}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 # ---------------------------------------------------------------- calibrate
 
 
@@ -107,15 +154,218 @@ def _cmd_calibrate(args) -> int:
     from .engines.calibration import calibrate
     from .engines.checkpoint import load_model
 
-    preprocessing = load_model(args.checkpoint, device="cpu").preprocessing
-    calibrator = calibrate(
-        args.checkpoint, _load_items(args, "validation", preprocessing), device=args.device
-    )
-    print(f"Weibull shape={calibrator.shape:.4f} scale={calibrator.scale:.4f} stored in {args.checkpoint}")
+    checkpoint = Path(args.checkpoint)
+    preprocessing = load_model(checkpoint, device="cpu").preprocessing
+    try:  # before the fit: the calibration is stored in the checkpoint, rewritten in its folder
+        check_writable(checkpoint.parent)
+    except OSError as error:
+        raise OSError(
+            f"cannot store the calibration in {str(checkpoint)!r}: its folder is not writable "
+            f"({error.strerror}); copy the checkpoint into a writable folder and calibrate the copy"
+        ) from error
+    calibrator = calibrate(checkpoint, _load_items(args, "validation", preprocessing), device=args.device)
+    print(f"Weibull shape={calibrator.shape:.4f} scale={calibrator.scale:.4f} stored in {checkpoint}")
     return 0
 
 
 # ---------------------------------------------------------------- score
+
+SCORE_FIELDS = [
+    "input",
+    "status",
+    "error",
+    "level",
+    "slice",
+    "position_mm",
+    "has_signal",
+    "foreground_fraction",
+    "image_score",
+    "calibrated_degree",
+]
+SCORE_DESCRIPTION = """\
+Segment and score images. Inputs: NIfTI (.nii/.nii.gz), NRRD, MetaImage files, DICOM files or series
+folders, or folders of them; 2D or 3D, any orientation and spacing. The checkpoint's preprocessing is
+applied; outputs are resampled back onto each input's own grid. Inputs are never overwritten.
+
+A batch keeps going past a bad input: scores.csv / scores.json list every input with its status (ok,
+failed with the error, skipped = not scored yet) and are rewritten after each one. An input's maps are
+written together (all or none), so after a crash or a kill the folder holds complete sets only, and
+--resume finishes the run. Existing outputs are refused unless --resume or --overwrite; one run at a
+time writes into a folder (a second one is refused: OUTPUT/.monai-ood.lock)."""
+SCORE_EPILOG = """\
+exit status:
+  0    every input scored (with --resume: or kept from an earlier run)
+  1    the run went through every input but some failed: their rows say status=failed with the
+       error, the other inputs are scored; fix those inputs and re-run with --resume
+  2    a usage or environment error stopped the run, in one line on stderr: bad arguments, a missing
+       input or checkpoint, an output folder that cannot be written, outputs already there (without
+       --resume or --overwrite), another run writing into the folder. Found before any work where it
+       can be; if the folder stops taking writes mid-run (disk full, read-only), the inputs done keep
+       their maps and rows, the rest are status=skipped: fix it and re-run with --resume
+  130  interrupted (Ctrl-C): as for 2, re-run with --resume"""
+_NOT_SCORED = "not scored yet: the run stopped before this input (or is still running); re-run with --resume"
+# what an input or its environment can cause: one line in the table; anything else is a bug (traceback)
+_INPUT_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)
+
+
+class _ScoreTable:
+    """The score table of an output folder: ``scores.json`` (read back by ``--resume``) and ``scores.csv``.
+
+    One volume row per input with its ``status``: ``ok`` (its maps are all in place, with the scores),
+    ``failed`` (with the ``error``), ``skipped`` (not scored yet); the slice rows of ``ok`` inputs. Rows
+    are keyed by the input's output stem, which names its maps in the folder, and keep their place when
+    re-scored. An input's maps are written before its row says ``ok``, and both files are replaced
+    atomically, so the table never claims more than the folder holds.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.json_path = output / "scores.json"
+        self.csv_path = output / "scores.csv"
+        self.rows: dict[str, dict] = {}
+        self.slices: dict[str, list[dict]] = {}
+
+    def read(self, strict: bool) -> None:
+        """Load ``scores.json`` if there is one; an unreadable table is an error if ``strict``, else ignored."""
+        from .io import output_stem
+
+        if not self.json_path.exists():
+            return
+        try:
+            data = json.loads(self.json_path.read_text(encoding="utf-8"))
+            slices: dict[str, list[dict]] = {}
+            for row in data.get("slices", []):
+                slices.setdefault(row["input"], []).append(row)
+            for row in data["volumes"]:
+                # tables without a status were written only once every input had succeeded
+                rest = {key: value for key, value in row.items() if key not in ("input", "status", "error")}
+                full = {"input": row["input"], "status": row.get("status", "ok"), "error": row.get("error")}
+                stem = output_stem(row["input"])
+                self.rows[stem] = {**full, **rest}
+                self.slices[stem] = slices.get(row["input"], [])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            if strict:
+                raise ValueError(
+                    f"{str(self.json_path)!r} is not a score table monai-ood can read ({error}); move it "
+                    "away, or pass --overwrite instead of --resume to replace the outputs"
+                ) from error
+            self.rows, self.slices = {}, {}
+
+    def set(self, stem: str, row: dict, slices: Sequence[dict] = ()) -> None:
+        self.rows[stem] = row
+        self.slices[stem] = list(slices)
+
+    def write(self) -> None:
+        """Rewrite both files atomically (a file whose content would not change is left alone)."""
+        volumes = list(self.rows.values())
+        slices = [row for stem in self.rows for row in self.slices[stem]]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=SCORE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in volumes:
+            writer.writerow({**row, "level": "volume"})
+        for row in slices:
+            writer.writerow({**row, "status": "ok", "level": "slice"})
+        # the CSV first: scores.json, which --resume trusts, never gets ahead of the folder
+        for path, text in (
+            (self.csv_path, buffer.getvalue()),
+            (self.json_path, json.dumps({"volumes": volumes, "slices": slices}, indent=2)),
+        ):
+            if not (path.is_file() and path.read_bytes() == text.encode("utf-8")):
+                atomic_write_text(path, text, overwrite=True)
+
+
+def _volume_row(
+    path: Path, status: str, paths: dict[str, Path], error: str | None = None, scored=None
+) -> dict:
+    return {
+        "input": str(path),
+        "status": status,
+        "error": error,
+        "image_score": None if scored is None else scored.image_score,
+        "calibrated_degree": None if scored is None else scored.calibrated_degree,
+        **{key: str(value) if status == "ok" else None for key, value in paths.items()},
+    }
+
+
+def _same_input(recorded: str, path: Path) -> bool:
+    if recorded == str(path):
+        return True
+    try:
+        return Path(recorded).resolve() == path.resolve() or os.path.samefile(recorded, path)
+    except OSError:
+        return False
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why an input file cannot be scored, if its header alone tells (cheap: no voxels are read)."""
+    import SimpleITK as sitk
+
+    from .io import read_image
+
+    if not path.is_file():
+        return None  # DICOM series folders are checked when read
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        try:
+            read_image(path)  # fails as fast, with the message that says which formats are read
+        except (ValueError, OSError) as error:
+            return _error_line(error)
+        return None
+    size = list(reader.GetSize())
+    while len(size) > 3 and size[-1] == 1:
+        size.pop()
+    if len(size) > 3:
+        return (
+            f"{str(path)!r} is a {len(size)}D image of size {tuple(size)} (several volumes or channels "
+            "along its 4th axis); monai-ood scores 2D or 3D images: split it into one file per volume"
+        )
+    return None
+
+
+def _prepare_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file; give a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        check_writable(output)
+    except OSError as error:
+        raise OSError(
+            f"cannot create or write in the output folder {str(output)!r} ({error.strerror or error}); "
+            "choose a writable --output folder"
+        ) from error
+
+
+class _Stopped(Exception):
+    """The output folder stopped taking writes (disk full, read-only ...): the batch cannot go on."""
+
+    def __init__(self, path: Path, error: OSError, done: int, total: int) -> None:
+        super().__init__(
+            f"cannot write the outputs of {str(path)!r}: {_error_line(error)}; then re-run with --resume "
+            f"to finish ({done} of {total} inputs scored in this run, the rest are status=skipped)"
+        )
+
+
+def _write_map_set(scored, paths: dict[str, Path], reference: Path | None) -> None:
+    """Write one input's maps as a set: all of them appear, or (after an error) none.
+
+    Outputs already there are replaced: the run vetted them before any work (--overwrite, --resume).
+    """
+    from .io import write_image
+
+    images = {"segmentation": (scored.segmentation, "label", None)}
+    images["score_map"] = (scored.score_map, "map", "monai-ood A(x)")
+    if scored.calibrated_map is not None:
+        images["calibrated_map"] = (scored.calibrated_map, "map", "monai-ood A_xi")
+    with AtomicFileSet(overwrite=True) as files:
+        for key, (image, kind, description) in images.items():
+
+            def write(temporary: Path, image=image, kind=kind, description=description) -> None:
+                write_image(image, temporary, reference, kind=kind, overwrite=True, description=description)
+
+            files.write(paths[key], write)
 
 
 def _cmd_score(args) -> int:
@@ -125,9 +375,10 @@ def _cmd_score(args) -> int:
 
     from .engines.checkpoint import load_model
     from .inference import score_image
-    from .io import find_inputs, output_stem, read_image, write_image
+    from .io import find_inputs, output_stem, read_image
     from .preprocessing import SlicePreprocessing
 
+    inputs = [p for path in args.inputs for p in find_inputs(path)]
     loaded = load_model(args.checkpoint, device=args.device)
     preprocessing = loaded.preprocessing
     if args.axis:
@@ -136,101 +387,144 @@ def _cmd_score(args) -> int:
         preprocessing = replace(preprocessing, axis=args.axis)
     if loaded.calibrator is None:
         print("note: the checkpoint has no calibration; A_xi maps are skipped (run `monai-ood calibrate`)")
-    inputs = [p for path in args.inputs for p in find_inputs(path)]
     output = Path(args.output)
     suffix = OUTPUT_SUFFIXES[args.format]
+    stems = {path: output_stem(path) for path in inputs}
+    if len(set(stems.values())) != len(stems) or len(stems) != len(inputs):
+        raise ValueError("two inputs have the same name stem; score them into different --output folders")
     planned = {}
-    for path in inputs:
-        stem = output_stem(path)
+    for path, stem in stems.items():
         names = {"segmentation": f"{stem}_seg{suffix}", "score_map": f"{stem}_score{suffix}"}
         if loaded.calibrator is not None:
             names["calibrated_map"] = f"{stem}_score_calibrated{suffix}"
         planned[path] = {key: output / name for key, name in names.items()}
-    # refuse before writing anything: a half-written output folder helps no one
-    targets = [t for paths in planned.values() for t in paths.values()]
-    targets += [output / "scores.csv", output / "scores.json"]
-    if len(set(targets)) != len(targets):
-        raise ValueError("two inputs have the same name stem; score them into different --output folders")
+    table = _ScoreTable(output)
+    # refuse before any work: a half-done output folder helps no one
+    targets = [t for paths in planned.values() for t in paths.values()] + [table.csv_path, table.json_path]
     input_paths = {Path(p).resolve() for p in inputs}
     for target in targets:
         if target.resolve() in input_paths:
             raise ValueError(f"refusing to write onto an input: {target}")
-        if target.exists() and not args.overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    output.mkdir(parents=True, exist_ok=True)
+    _prepare_output(output)
+    with lock_folder(output):
+        if not (args.resume or args.overwrite):
+            existing = [t for t in targets if t.exists()]
+            if existing:
+                more = f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+                raise FileExistsError(
+                    f"{existing[0]} exists{more}; pass --resume to keep complete outputs and score the "
+                    "rest, or --overwrite to replace them"
+                )
+        # a killed run's temporary files: no one else writes here while we hold the lock
+        remove_temporaries(output, {t.name for t in targets})
+        remove_temporaries(output / "slicer")
+        table.read(strict=args.resume)
+        todo = []
+        for path in inputs:
+            stem, paths = stems[path], planned[path]
+            row = table.rows.get(stem)
+            if row is not None and args.resume and not _same_input(row["input"], path):
+                raise FileExistsError(
+                    f"{paths['segmentation']} and the other outputs named {stem!r} are those of "
+                    f"{row['input']!r}, not of {str(path)!r}; pass --overwrite to replace them, or choose "
+                    "another --output folder"
+                )
+            if args.resume and row is not None and row["status"] == "ok":
+                if all(p.exists() for p in paths.values()):
+                    continue  # complete: kept as it is
+            if row is None or row["status"] == "ok" or not _same_input(row["input"], path):
+                # no longer ok before its maps are touched; a failed row stays until the retry's outcome
+                table.set(stem, _volume_row(path, "skipped", paths, _NOT_SCORED))
+            todo.append(path)
 
-    volume_rows, slice_rows = [], []
-    for path in tqdm(inputs, desc="score", unit="image", disable=args.quiet):
-        image = read_image(path)
-        scored = score_image(loaded.net, image, preprocessing, loaded.calibrator, batch_size=args.batch_size)
-        paths = planned[path]
-        reference = path if Path(path).is_file() else None
-        write_image(
-            scored.segmentation, paths["segmentation"], reference, kind="label", overwrite=args.overwrite
-        )
-        write_image(
-            scored.score_map,
-            paths["score_map"],
-            reference,
-            kind="map",
-            overwrite=args.overwrite,
-            description="monai-ood A(x)",
-        )
-        if scored.calibrated_map is not None:
-            write_image(
-                scored.calibrated_map,
-                paths["calibrated_map"],
-                reference,
-                kind="map",
-                overwrite=args.overwrite,
-                description="monai-ood A_xi",
+        def fail(path: Path, message: str) -> None:
+            table.set(stems[path], _volume_row(path, "failed", planned[path], message))
+            shown = message if str(path) in message else f"{str(path)!r}: {message}"
+            tqdm.write(f"monai-ood score: failed: {shown}", file=sys.stderr)
+
+        problems = {path: _header_problem(path) for path in todo}
+        for path, problem in problems.items():
+            if problem is not None:
+                fail(path, problem)
+        if not args.no_slicer_files:
+            from .io.slicer import write_slicer_files
+
+            write_slicer_files(
+                output / "slicer",
+                num_classes=loaded.net.num_classes,
+                class_names=loaded.class_names,
+                overwrite=True,
             )
-        volume_rows.append(
-            {
-                "input": str(path),
-                "image_score": scored.image_score,
-                "calibrated_degree": scored.calibrated_degree,
-                **{key: str(value) for key, value in paths.items()},
-            }
-        )
-        slice_rows += [{"input": str(path), **row} for row in scored.slices]
+        table.write()
 
-    atomic_write_text(
-        output / "scores.json",
-        json.dumps({"volumes": volume_rows, "slices": slice_rows}, indent=2),
-        args.overwrite,
-    )
-    buffer = io.StringIO()
-    fields = [
-        "input",
-        "level",
-        "slice",
-        "position_mm",
-        "has_signal",
-        "foreground_fraction",
-        "image_score",
-        "calibrated_degree",
-    ]
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    for row in volume_rows:
-        writer.writerow({**row, "level": "volume"})
-    for row in slice_rows:
-        writer.writerow({**row, "level": "slice"})
-    atomic_write_text(output / "scores.csv", buffer.getvalue(), args.overwrite)
-    if not args.no_slicer_files:
-        from .io.slicer import write_slicer_files
+        failed_early = {path for path in todo if problems.get(path)}
+        todo = [path for path in todo if path not in failed_early]
+        done = 0
 
-        write_slicer_files(
-            output / "slicer",
-            num_classes=loaded.net.num_classes,
-            class_names=loaded.class_names,
-            overwrite=True,
-        )
-    for row in volume_rows:
-        degree = "n/a" if row["calibrated_degree"] is None else f"{row['calibrated_degree']:.3f}"
-        print(f"{row['input']}: image score {row['image_score']:.2f}, calibrated degree {degree}")
+        def save(path: Path) -> None:
+            try:
+                table.write()
+            except OSError as error:
+                raise _Stopped(path, error, done, len(todo)) from error
+
+        try:
+            for path in tqdm(todo, desc="score", unit="image", disable=args.quiet):
+                stem, paths = stems[path], planned[path]
+                try:
+                    scored = score_image(
+                        loaded.net, read_image(path), preprocessing, loaded.calibrator, args.batch_size
+                    )
+                except _INPUT_ERRORS as error:
+                    fail(path, _error_line(error))
+                    save(path)
+                    continue
+                except Exception as error:  # a bug rather than the input: the traceback helps report it
+                    traceback.print_exc()
+                    fail(path, f"{type(error).__name__}: {error}")
+                    save(path)
+                    continue
+                try:
+                    _write_map_set(scored, paths, path if path.is_file() else None)
+                except ValueError as error:  # the maps do not fit the input (write_image's checks)
+                    fail(path, _error_line(error))
+                    save(path)
+                    continue
+                except OSError as error:  # the folder takes no more writes: every later input would fail too
+                    table.set(stem, _volume_row(path, "failed", paths, _error_line(error)))
+                    with contextlib.suppress(OSError):
+                        table.write()
+                    raise _Stopped(path, error, done, len(todo)) from error
+                slices = [{"input": str(path), **row} for row in scored.slices]
+                table.set(stem, _volume_row(path, "ok", paths, scored=scored), slices)
+                save(path)
+                done += 1
+        except _Stopped as stop:
+            print(f"monai-ood score: error: {stop}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            print(
+                f"monai-ood score: interrupted after scoring {done} of {len(todo)} inputs; those listed as ok "
+                f"in {table.csv_path} are complete: re-run with --resume to score the rest",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+
+    rows = [table.rows[stems[path]] for path in inputs]
+    for row in rows:
+        if row["status"] == "ok":
+            degree = "n/a" if row["calibrated_degree"] is None else f"{row['calibrated_degree']:.3f}"
+            print(f"{row['input']}: image score {row['image_score']:.2f}, calibrated degree {degree}")
+        else:
+            print(f"{row['input']}: {row['status']}")
+    failed = sum(row["status"] != "ok" for row in rows)
     print(f"maps and scores.csv/json written to {output}")
+    if failed:
+        print(
+            f"monai-ood score: {failed} of {len(rows)} inputs failed (see the status and error columns of "
+            f"{table.csv_path}); fix them and re-run with --resume to score only those",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_INPUTS
     return 0
 
 
@@ -387,9 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "score",
         help="segment and score images: writes segmentation, A and A_xi at each input's geometry, and a score table",
-        description="Inputs: NIfTI (.nii/.nii.gz), NRRD, MetaImage files, DICOM files or series folders, or folders of them; "
-        "2D or 3D, any orientation and spacing. The checkpoint's preprocessing is applied; outputs are resampled back "
-        "onto each input's own grid. Existing outputs are refused unless --overwrite; inputs are never overwritten.",
+        description=SCORE_DESCRIPTION,
+        epilog=SCORE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", help="image files, DICOM series folders, or folders of them")
     p.add_argument("--checkpoint", required=True, help="model.pt written by `monai-ood train`")
@@ -409,7 +703,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="slices per forward pass / sliding-window batch (default: 16)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the inputs already scored into OUTPUT (complete maps, status ok) and score the rest: "
+        "finishes an interrupted run, retries failed inputs, adds new ones",
+    )
+    existing.add_argument(
+        "--overwrite", action="store_true", help="score every input again, replacing outputs"
+    )
     p.add_argument(
         "--no-slicer-files",
         action="store_true",
@@ -446,10 +749,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("monai_ood").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        # user errors: one clear line, no traceback
-        print(f"monai-ood {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:
+        # user errors (missing or unreadable files, existing outputs, a full disk, a read-only folder,
+        # a folder another run is writing into): one clear line, no traceback
+        print(f"monai-ood {args.command}: error: {_error_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"monai-ood {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
