@@ -13,7 +13,7 @@ from torch import nn
 
 from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from ..networks.presets import encoder_stages
-from ..networks.prototype_net import PrototypeOODNet, _first_tensor
+from ..networks.prototype_net import PrototypeOODNet, _first_tensor, named_module
 from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, module_device
 
 __all__ = ["FeatureStatisticsDetector"]
@@ -117,16 +117,11 @@ class FeatureStatisticsDetector(Detector):
         elif isinstance(layers, str) or not layers:
             raise ValueError(f"layers must be None or a non-empty list of module names, got {layers!r}")
         layers = list(dict.fromkeys(layers))  # drop repeats, keep order
-        modules = dict(network.named_modules())
-        for layer in layers:
-            if layer not in modules:
-                hint = ", ".join(name for name in list(modules)[1:12])
-                raise ValueError(f"network has no module named {layer!r}; some of its modules: {hint}, ...")
+        self._modules = [named_module(network, layer) for layer in layers]
         self.network = network
         self.layers = layers
         self.statistics = statistics
         self.batch_size = batch_size
-        self._modules = [modules[layer] for layer in layers]
         self.means_: list[torch.Tensor] | None = None
         self.covariances_: list[torch.Tensor] | None = None
         self.shrinkages_: list[float] | None = None

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from ..networks.presets import feature_layer_for
-from ..networks.prototype_net import PrototypeOODNet, encode_until
+from ..networks.prototype_net import PrototypeOODNet, encode_until, named_module
 from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, module_device, to_input_size
 
 __all__ = ["MahalanobisDetector"]
@@ -77,15 +77,12 @@ class MahalanobisDetector(Detector):
             network, layer = network.backbone, (network.layer if layer == "auto" else layer)
         elif layer == "auto":
             layer = feature_layer_for(network)
-        modules = dict(network.named_modules())
-        if layer not in modules:
-            hint = ", ".join(name for name in list(modules)[1:12])
-            raise ValueError(f"network has no module named {layer!r}; some of its modules: {hint}, ...")
+        module = named_module(network, layer)
         self.network = network
         self.layer = layer
         self.pool_size = pool_size
         self.batch_size = batch_size
-        self._module = modules[layer]
+        self._module = module
         self.mean_: torch.Tensor | None = None
         self.covariance_: torch.Tensor | None = None
         self.shrinkage_: float | None = None

@@ -138,6 +138,15 @@ def infer_spatial_dims(module: nn.Module) -> int:
     )
 
 
+def named_module(network: nn.Module, name: str, what: str = "network") -> nn.Module:
+    """The module called ``name`` in ``network.named_modules()``; a ValueError listing some names if none."""
+    modules = dict(network.named_modules())
+    if name not in modules:
+        hint = ", ".join(list(modules)[1:12])
+        raise ValueError(f"{what} has no module named {name!r}; some of its modules: {hint}, ...")
+    return modules[name]
+
+
 class HookedEncoderNet(nn.Module):
     """A segmentation network with a forward hook on one named encoder layer: the machinery every
     auxiliary OOD head shares (:class:`PrototypeOODNet`, :class:`monai_ood.detectors.fcdd.FCDDNet`).
@@ -172,11 +181,7 @@ class HookedEncoderNet(nn.Module):
 
         self.backbone = backbone
         self.layer = feature_layer_for(backbone) if layer == "auto" else layer
-        modules = dict(backbone.named_modules())
-        if self.layer not in modules:
-            hint = ", ".join(name for name in list(modules)[1:12])
-            raise ValueError(f"backbone has no module named {self.layer!r}; some of its modules: {hint}, ...")
-        hooked = modules[self.layer]
+        hooked = named_module(backbone, self.layer, "backbone")
         self.spatial_dims = spatial_dims if spatial_dims is not None else infer_spatial_dims(backbone)
         self.feature_channels = (
             feature_channels if feature_channels is not None else infer_feature_channels(hooked)
