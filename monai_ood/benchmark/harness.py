@@ -20,6 +20,7 @@ What :func:`evaluate` measures (BENCHMARK.md v2, "Metrics"; OOD is the positive 
 * ``localisation``: on the lesion set, pixel AUROC and AUPRO of the score map inside the brain (maps
   only: a monotone calibration such as A_xi = WeibullCDF(A) leaves both unchanged);
 * ``dice``: per class and mean foreground Dice of the scorer's segmentation on the InD reference;
+* ``ind.warped_vs_clean_auroc``: :func:`warp_sensitivity`, how much one mild warp alone moves the score;
 * ``scores``: every image score (InD and per set), so that plots and new metrics never need a re-run.
 """
 
@@ -175,6 +176,18 @@ def checkpoint_scorer(loaded, batch_size: int = 32) -> Scorer:
     return score
 
 
+def warp_sensitivity(ind_scores, variants: Sequence[str | None]) -> float | None:
+    """AUROC of the InD reference's warped variants against its clean slices (0.5: the score ignores the
+    one mild warp; above: warped InD images look more OOD, the resampling shortcut of BENCHMARK.md's
+    pitfalls). ``variants`` is each item's ``"variant"`` (``None`` for a clean slice); ``None`` when
+    either group is empty."""
+    warped = np.array([v is not None for v in variants])
+    scores = np.asarray(ind_scores, dtype=np.float64)
+    if warped.all() or not warped.any():
+        return None
+    return ood_metrics(scores[~warped], scores[warped])["auroc"]
+
+
 def _finite(scores: np.ndarray, what: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():
@@ -204,7 +217,11 @@ def evaluate(
     ind = scorer(_stack([i["image"] for i in sets.ind]))
     ind_scores = _finite(ind.image_score, "the InD test images")
     row: dict[str, Any] = {
-        "ind": {"n": len(ind_scores), "mean_score": float(ind_scores.mean())},
+        "ind": {
+            "n": len(ind_scores),
+            "mean_score": float(ind_scores.mean()),
+            "warped_vs_clean_auroc": warp_sensitivity(ind_scores, [i.get("variant") for i in sets.ind]),
+        },
         "sets": {},
         "scores": {"ind": ind_scores.tolist()},
         "dice": None,

@@ -134,3 +134,14 @@ def test_step_budget_in_whole_epochs():
     assert run.epochs_for(600, 154) == 30
     assert run.epochs_for(601, 154) == 31
     assert run.epochs_for(1, 154) == 1
+
+
+def test_warp_sensitivity_is_the_auroc_of_warped_against_clean_inds():
+    from monai_ood.benchmark.harness import warp_sensitivity
+
+    rng = np.random.default_rng(1)
+    clean, warped = rng.normal(0, 1, 30), rng.normal(0.5, 1, 30)
+    variants = [None] * 30 + ["affine"] * 30
+    expected = roc_auc_score(np.r_[np.zeros(30), np.ones(30)], np.r_[clean, warped])
+    assert warp_sensitivity(np.r_[clean, warped], variants) == pytest.approx(expected, abs=1e-12)
+    assert warp_sensitivity(clean, [None] * 30) is None

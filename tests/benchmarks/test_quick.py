@@ -52,6 +52,7 @@ def test_quick_benchmark_produces_every_method_and_column(tmp_path):
     for method, row in run["methods"].items():
         assert set(row["categories"]) == {"C1", "C2", "C3", "lesion"}, method
         assert len(row["scores"]["ind"]) == row["ind"]["n"], method
+        assert 0.0 <= row["ind"]["warped_vs_clean_auroc"] <= 1.0, method
         if method in MAPS:
             assert 0.0 <= row["localisation"]["pixel_auroc"] <= 1.0, method
             assert 0.0 <= row["localisation"]["aupro"] <= 1.0, method
