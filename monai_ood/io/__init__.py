@@ -4,6 +4,7 @@ from monai_ood.io.images import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
     OUTPUT_SUFFIXES,
+    GeometryWarning,
     affine_from_image,
     atomic_write,
     find_inputs,
@@ -26,6 +27,7 @@ from monai_ood.io.slicer import (
 __all__ = [
     "BRAIN_CLASS_NAMES",
     "DICOM_SUFFIXES",
+    "GeometryWarning",
     "IMAGE_SUFFIXES",
     "OUTPUT_SUFFIXES",
     "affine_from_image",

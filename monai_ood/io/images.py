@@ -11,6 +11,14 @@ and written here:
   are uint8/int16 with intent ``label`` (1002), and ``cal_min``/``cal_max`` give viewers a window.
 * NRRD (``.nrrd``) is written with SimpleITK, gzip-compressed.
 
+Geometry is never invented: a DICOM series whose slice positions are missing or uneven is refused
+(:class:`ValueError`), and a NIfTI input's grid follows nibabel's rules (``img.affine``: the sform if
+its code is set, else the qform, else the pixdim-only "best affine"), with a :class:`GeometryWarning`
+when no code is set (orientation unknown, assumed) or when qform and sform disagree (the sform is used).
+A NIfTI whose affine is sheared (non-orthonormal, which ITK cannot carry) is resampled (linear) onto
+the closest orthonormal grid covering it, with a warning; NIfTI outputs written with that input as
+``reference_path`` are resampled back onto the input's own sheared grid and carry its affine.
+
 Every write is atomic (a temporary file in the output folder, then :func:`os.replace`), refuses to
 replace an existing file unless asked to, and never writes onto the input it was computed from.
 """
@@ -33,6 +41,7 @@ from monai_ood.files import atomic_write
 
 __all__ = [
     "DICOM_SUFFIXES",
+    "GeometryWarning",
     "IMAGE_SUFFIXES",
     "OUTPUT_SUFFIXES",
     "affine_from_image",
@@ -55,6 +64,16 @@ _DESCRIP_BYTES = 79
 # A NIfTI input's affine is copied verbatim only if ITK (hence 3D Slicer) then reads the output on the
 # grid it was computed on; this is the largest corner displacement (mm) put down to float32 rounding.
 _PLACEMENT_TOLERANCE_MM = 1e-3
+# Slice spacings of a DICOM series may differ from their median by this fraction (DICOM rounding).
+_SLICE_SPACING_TOLERANCE = 0.01
+# qform and sform "agree" if no voxel-to-world coefficient differs by more than this (mm).
+_AFFINE_TOLERANCE_MM = 1e-3
+# A NIfTI affine is orthonormal (ITK can carry it) if its normalised columns' dot products are below this.
+_SHEAR_TOLERANCE = 1e-4
+
+
+class GeometryWarning(UserWarning):
+    """An input's geometry is uncertain or was changed to be readable (unknown orientation, etc.)."""
 
 
 def _suffix(path: Path, suffixes: Sequence[str]) -> str | None:
@@ -116,9 +135,56 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
             "Put each series in its own folder to choose another.",
             stacklevel=3,
         )
+    _check_slice_positions(folder, files[chosen])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
     return reader.Execute()
+
+
+def _slice_geometry(file: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """ImagePositionPatient and the slice normal (from ImageOrientationPatient) of one DICOM file."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+        position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        orientation = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+    except (RuntimeError, ValueError):
+        return None
+    if position.shape != (3,) or orientation.shape != (6,):
+        return None
+    return position, np.cross(orientation[:3], orientation[3:])
+
+
+def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
+    """Refuse a series whose slices are not evenly spaced along the slice normal (a gap or a repeat)."""
+    if len(files) < 3:
+        return
+    geometries = [_slice_geometry(f) for f in files]
+    if all(g is None for g in geometries):
+        return  # no slice carries a position (e.g. secondary captures): nothing to check against
+    if any(g is None for g in geometries):
+        missing = [Path(f).name for f, g in zip(files, geometries, strict=True) if g is None]
+        raise ValueError(
+            f"DICOM series {str(folder)!r}: {len(missing)} slice(s) without a readable position "
+            f"(ImagePositionPatient/ImageOrientationPatient), e.g. {missing[:3]}; the slice grid cannot "
+            "be known. Remove or repair those files, or pass the slices you have as separate files"
+        )
+    normal = geometries[0][1]
+    positions = np.sort([g[0] @ normal for g in geometries])
+    steps = np.diff(positions)
+    median = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - median) > _SLICE_SPACING_TOLERANCE * max(abs(median), 1e-6))
+    if median <= 0 or len(bad):
+        found = ", ".join(
+            f"{positions[i]:.4g} -> {positions[i + 1]:.4g} mm ({steps[i]:.4g} mm)" for i in bad[:5]
+        )
+        raise ValueError(
+            f"DICOM series {str(folder)!r} is not evenly sliced: {len(files)} slices, expected spacing "
+            f"{median:.4g} mm along the slice normal, found {found} (a missing, corrupt or duplicate "
+            "slice). Fill the gap (add the missing slices) or pass the slices you have as separate files"
+        )
 
 
 def _itk_reason(error: RuntimeError) -> str:
@@ -141,6 +207,132 @@ def _squeeze_trailing(image: sitk.Image) -> sitk.Image:
     return image
 
 
+def _lps(affine: np.ndarray) -> np.ndarray:
+    """A NIfTI (RAS) voxel-to-world affine turned into ITK's LPS world."""
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
+
+
+def _is_sheared(affine: np.ndarray) -> bool:
+    """Whether the affine's axes are not orthogonal (or degenerate): ITK cannot carry it as a direction."""
+    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(columns, axis=0)
+    if np.any(norms == 0):
+        return False  # degenerate (zero pixdim): leave it to ITK, which refuses it
+    unit = columns / norms
+    return bool(np.abs(unit.T @ unit - np.eye(3)).max() > _SHEAR_TOLERANCE)
+
+
+def _nifti_affine(path: Path) -> tuple[nib.Nifti1Image, np.ndarray] | None:
+    """The NIfTI image and the affine nibabel uses (sform, else qform, else pixdim-only), with warnings.
+
+    Warns (:class:`GeometryWarning`) when neither qform nor sform code is set (the orientation is
+    unknown; nibabel's pixdim-only affine is assumed) and when both are set but differ (the sform is
+    used, as nibabel does). ``None`` if nibabel cannot read the header (ITK then reports the error).
+    """
+    try:
+        nii = nib.load(str(path))
+        header = nii.header
+        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+        affine = np.array(nii.affine, dtype=np.float64)
+    except Exception:
+        return None
+    if qcode == 0 and scode == 0:
+        warnings.warn(
+            f"{str(path)!r} has no qform or sform (both codes 0): its orientation is unknown; assuming "
+            "nibabel's pixdim-only affine (axes along -x, +y, +z, centred on the volume). Check the "
+            "orientation of the outputs",
+            GeometryWarning,
+            stacklevel=3,
+        )
+    elif qcode > 0 and scode > 0:
+        qform, sform = header.get_qform(), header.get_sform()
+        if np.abs(qform - sform).max() > _AFFINE_TOLERANCE_MM:
+            warnings.warn(
+                f"{str(path)!r} has a qform (code {qcode}) and an sform (code {scode}) that differ by up "
+                f"to {np.abs(qform - sform).max():.3g} (mm): using the sform, as nibabel does. qform="
+                f"{np.round(qform[:3], 4).tolist()}, sform={np.round(sform[:3], 4).tolist()}",
+                GeometryWarning,
+                stacklevel=3,
+            )
+    return nii, affine
+
+
+def _set_geometry(image: sitk.Image, affine: np.ndarray) -> None:
+    """Give a 3D image the (orthonormal) NIfTI affine's spacing, origin and direction, in LPS."""
+    lps = _lps(affine)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if np.any(spacing == 0):
+        return
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+
+
+def _index_transform(affine: np.ndarray) -> sitk.AffineTransform:
+    """The voxel index -> LPS world map of a NIfTI affine, as an ITK transform."""
+    lps = _lps(affine)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(lps[:3, :3].flatten().tolist())
+    transform.SetTranslation(lps[:3, 3].tolist())
+    return transform
+
+
+def _interpolator(image: sitk.Image, labels: bool = False) -> int:
+    integer = not np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.floating)
+    return sitk.sitkNearestNeighbor if labels or integer else sitk.sitkLinear
+
+
+def _read_sheared_nifti(path: Path, nii: nib.Nifti1Image, affine: np.ndarray) -> sitk.Image:
+    """Read a NIfTI with a sheared affine onto the closest orthonormal grid covering it (warns).
+
+    The grid's direction is the rotation closest to the affine's normalised axes (polar decomposition),
+    its spacing the affine's axis lengths, and it covers every input voxel centre. Values are resampled
+    linearly (nearest neighbour for integer voxels); outside the input they are 0.
+    """
+    try:
+        data = np.asanyarray(nii.dataobj)
+    except Exception as error:
+        raise RuntimeError(f"damaged or truncated NIfTI file: {' '.join(str(error).split())}") from error
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise RuntimeError(f"a sheared {data.ndim}D NIfTI image; expected 3D")
+    if data.dtype.byteorder not in ("=", "|"):
+        data = data.astype(data.dtype.newbyteorder("="))
+    moving = sitk.GetImageFromArray(np.ascontiguousarray(data.T))  # index space: physical = index
+    lps = _lps(affine)
+    columns, offset = lps[:3, :3], lps[:3, 3]
+    spacing = np.linalg.norm(columns, axis=0)
+    u, _, vt = np.linalg.svd(columns / spacing)
+    rotation = u @ vt
+    corners = np.array(list(itertools.product(*[(0, s - 1) for s in data.shape])), dtype=float)
+    local = (corners @ columns.T) @ rotation  # corner offsets from the origin, in the new axes
+    low, high = local.min(axis=0), local.max(axis=0)
+    size = [int(n) for n in np.ceil((high - low) / spacing - 1e-6).astype(int) + 1]
+    origin = offset + rotation @ low
+    inverse = sitk.AffineTransform(3)
+    inverse.SetMatrix(np.linalg.inv(columns).flatten().tolist())
+    inverse.SetTranslation((-np.linalg.inv(columns) @ offset).tolist())
+    image = sitk.Resample(
+        moving,
+        size,
+        inverse,
+        _interpolator(moving),
+        origin.tolist(),
+        spacing.tolist(),
+        rotation.flatten().tolist(),
+        0.0,
+    )
+    warnings.warn(
+        f"{str(path)!r} has a sheared (non-orthonormal) affine, which ITK cannot carry: resampled onto "
+        f"the closest orthonormal grid covering it ({tuple(data.shape)} -> {tuple(size)} voxels). NIfTI "
+        "outputs written with this input as reference are resampled back onto its own grid",
+        GeometryWarning,
+        stacklevel=3,
+    )
+    return image
+
+
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read an input image: a NIfTI, NRRD, MetaImage or single DICOM file, or a DICOM series folder.
 
@@ -149,24 +341,38 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             as its largest series, with a warning.
 
     Returns:
-        The image with its geometry (LPS world), as SimpleITK reads it (2D or 3D, any pixel type).
+        The image with its geometry (LPS world), as SimpleITK reads it (2D or 3D, any pixel type),
+        except that a 3D NIfTI's geometry is nibabel's ``img.affine`` (warning if it has no qform/sform
+        code or if they differ; a sheared affine is resampled onto the closest orthonormal grid, with a
+        warning; see the module docstring).
+
+    Warns:
+        GeometryWarning: a NIfTI's orientation is unknown (no qform/sform code), its qform and sform
+            differ, or its affine is sheared.
+        UserWarning: a DICOM folder holds several series.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file cannot be read (unknown format or corrupt), is not 2D or 3D, has no voxels,
-            or holds NaN or Inf values.
+            holds NaN or Inf values, or is a DICOM series with missing or unevenly spaced slices.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input image {str(path)!r} does not exist")
+    nifti = _nifti_affine(path) if _suffix(path, _NIFTI_SUFFIXES) and path.is_file() else None
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        if nifti is not None and _is_sheared(nifti[1]):
+            image = _read_sheared_nifti(path, nifti[0], nifti[1])
+        else:
+            image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise ValueError(
             f"cannot read {str(path)!r} as an image (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, MetaImage "
             f".mha/.mhd, DICOM file or series folder): {_itk_reason(error)}"
         ) from error
     image = _squeeze_trailing(image)
+    if nifti is not None and image.GetDimension() == 3 and not _is_sheared(nifti[1]):
+        _set_geometry(image, nifti[1])  # nibabel's rules, not ITK's guesses
     if image.GetDimension() not in (2, 3):
         raise ValueError(f"{str(path)!r} is a {image.GetDimension()}D image; expected 2D or 3D")
     if image.GetNumberOfPixels() == 0 or min(image.GetSize()) == 0:
@@ -398,23 +604,32 @@ def _nifti_writer(
 ) -> Callable[[Path], None]:
     data = array.T  # SimpleITK arrays are (z, y, x); NIfTI data is (x, y, z)
     own = affine_from_image(image)
-    verbatim, units = None, ("mm", "sec")
+    verbatim, units, sheared = None, ("mm", "sec"), False
     if reference is not None and _suffix(reference, _NIFTI_SUFFIXES) and reference.is_file():
         input_nifti = nib.load(str(reference))
-        if _squeezed(input_nifti.shape) != _squeezed(data.shape):
+        verbatim = np.array(input_nifti.affine, dtype=np.float64)
+        if _is_sheared(verbatim) and image.GetDimension() == 3 and len(_squeezed(input_nifti.shape)) == 3:
+            # The input was read onto an orthonormal grid: bring the output back onto its sheared one.
+            target = sitk.Image([int(n) for n in _squeezed(input_nifti.shape)], image.GetPixelID())
+            back = sitk.Resample(
+                image, target, _index_transform(verbatim), _interpolator(image, kind == "label"), 0.0
+            )
+            data, sheared = _output_array(back, kind).T, True
+        elif _squeezed(input_nifti.shape) != _squeezed(data.shape):
             raise ValueError(
                 f"the output's grid {_squeezed(data.shape)} (x, y, z) does not match the input "
                 f"{str(reference)!r} {_squeezed(input_nifti.shape)}; bring it onto the input's grid "
                 "first (monai_ood.preprocessing.resample_to_reference)"
             )
         data = data.reshape(input_nifti.shape)  # the input's layout: (x, y) stays 2D, (x, y, 1) 3D
-        verbatim = np.array(input_nifti.affine, dtype=np.float64)
         spatial, temporal = input_nifti.header.get_xyzt_units()
         units = (spatial if spatial != "unknown" else "mm", temporal if temporal != "unknown" else "sec")
 
     def write(temporary: Path) -> None:
         if verbatim is not None:
             nib.save(_nifti_image(data, verbatim, kind, description, units), str(temporary))
+            if sheared:
+                return  # resampled onto the input's own (sheared) grid, which ITK cannot read back
             # The input's affine is only right if ITK (so 3D Slicer) reads it back on the grid the
             # output was computed on. It does not when the input had no qform/sform codes, or a sheared
             # sform ITK replaced by its qform: then the image's own geometry is where Slicer shows
@@ -450,7 +665,9 @@ def write_image(
             ``.nii.gz`` is appended.
         reference_path: the input the output was computed from. It is never written onto. If it is a
             NIfTI file its affine is copied verbatim into a NIfTI output (bit-equal geometry) after
-            checking the grid shapes match, unless ITK places the input elsewhere than that affine
+            checking the grid shapes match (an input with a sheared affine, read onto an orthonormal
+            grid, gets the output resampled back onto its own grid: linear for maps, nearest for
+            labels; NRRD outputs stay on the orthonormal grid), unless ITK places the input elsewhere than that affine
             (then, with a warning, the image's own geometry is written, which is where Slicer shows
             the input).
         kind: ``"map"`` (float32, NIfTI intent ``estimate``, ``cal_min/cal_max`` = data range) or

@@ -205,14 +205,32 @@ def test_2d_nifti_round_trip(tmp_path: Path):
     assert same_geometry(sitk.ReadImage(str(out)), volume, atol=1e-5)
 
 
-def test_reference_placed_differently_by_itk_keeps_the_image_geometry(tmp_path: Path):
-    # No qform/sform codes: nibabel and ITK disagree on the origin; Slicer shows ITK's placement.
+def test_reference_without_codes_is_read_and_written_by_nibabel_rules(tmp_path: Path):
+    # No qform/sform codes: ITK and nibabel disagree on the origin; the input is read with nibabel's
+    # pixdim-only affine (with a warning), so the output carries that affine and ITK agrees with it.
     image = nib.Nifti1Image(np.ones((4, 5, 3), np.float32), np.diag([0.7, 1.1, 3.0, 1.0]))
     image.set_qform(None, code=0)
     image.set_sform(None, code=0)
     reference = tmp_path / "nocode.nii.gz"
     nib.save(image, str(reference))
+    with pytest.warns(images.GeometryWarning, match="orientation is unknown"):
+        read = read_image(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = write_image(read, tmp_path / "out.nii.gz", reference)
+    # The pixdim-only affine is computed in float64 and stored as a float32 sform.
+    np.testing.assert_allclose(nib.load(str(out)).affine, nib.load(str(reference)).affine, atol=1e-6)
+    assert same_geometry(sitk.ReadImage(str(out)), read, atol=1e-5)
+
+
+def test_reference_placed_differently_by_itk_keeps_the_image_geometry(tmp_path: Path):
+    # An output whose grid is not where ITK reads the input's affine (here: shifted by 5 mm) is
+    # written with its own geometry, with a warning.
+    reference = _save_nifti(
+        np.ones((4, 5, 3), np.float32), np.diag([0.7, 1.1, 3.0, 1.0]), tmp_path / "in.nii.gz"
+    )
     read = read_image(reference)
+    read.SetOrigin((5.0, 0.0, 0.0))
     with pytest.warns(UserWarning, match="own geometry"):
         out = write_image(read, tmp_path / "out.nii.gz", reference)
     assert same_geometry(sitk.ReadImage(str(out)), read, atol=1e-5)
