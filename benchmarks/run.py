@@ -487,26 +487,17 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     preset = copy.deepcopy(PRESETS[args.preset])
+    output = args.output or Path(__file__).parent / "results" / "v2" / args.preset
     if args.rewrite:
-        folder = args.output or Path(__file__).parent / "results" / "v2" / args.preset
-        report = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+        report = json.loads((output / "results.json").read_text(encoding="utf-8"))
         add_warp_sensitivity(report)
-        atomic_write_text(folder / "results.json", json.dumps(report, indent=1), overwrite=True)
-        atomic_write_text(folder / "results.md", markdown(report), overwrite=True)
-        print(f"rewrote {folder / 'results.md'}")
-        return 0
-    if args.rewrite:
-        folder = args.output or Path(__file__).parent / "results" / "v2" / args.preset
-        report = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-        add_warp_sensitivity(report)
-        atomic_write_text(folder / "results.json", json.dumps(report, indent=1), overwrite=True)
-        atomic_write_text(folder / "results.md", markdown(report), overwrite=True)
-        print(f"rewrote {folder / 'results.md'}")
+        atomic_write_text(output / "results.json", json.dumps(report, indent=1), overwrite=True)
+        atomic_write_text(output / "results.md", markdown(report), overwrite=True)
+        print(f"rewrote {output / 'results.md'}")
         return 0
     if args.steps is not None:
         preset["steps"] = args.steps
     seeds = args.seeds or preset["seeds"]
-    output = args.output or Path(__file__).parent / "results" / "v2" / args.preset
     work = args.work_dir or Path("outputs") / "benchmarks" / "v2" / args.preset
     import monai
 
