@@ -81,6 +81,7 @@ PRESETS = {
 CLASS_NAMES = ["background", "CSF", "grey matter", "white matter"]
 BATCH_SIZE = 8
 METHODS = (
+    "default (fused)",
     "prototype head (paper)",
     "prototype head (default)",
     "MSP",
@@ -149,8 +150,9 @@ def default_head_from(paper_net, data, preset):
     return net.eval()
 
 
-def build_methods(data, preset, prep, seed, work: Path):
-    """Train every model of one seed; returns ``({method: (detector, segmenter)}, facts)``."""
+def build_methods(data, preset, prep, seed, work: Path, wanted=METHODS, ablation: bool = True):
+    """Train the models the ``wanted`` methods need (one seed); returns ``({method: (detector,
+    segmenter)}, {ablation variant: (detector, segmenter)}, facts)``."""
     from monai_ood.detectors import (
         AutoencoderDetector,
         EnergyDetector,
@@ -159,6 +161,7 @@ def build_methods(data, preset, prep, seed, work: Path):
         EntropyDetector,
         FCDDDetector,
         FeatureStatisticsDetector,
+        FusedDetector,
         IntensityHistogramDetector,
         MahalanobisDetector,
         MaxSoftmaxDetector,
@@ -170,59 +173,130 @@ def build_methods(data, preset, prep, seed, work: Path):
     from monai_ood.networks.presets import PRESETS as NETWORKS
 
     facts = {"training": {}}
-    head, facts["training"]["paper head"] = _train_segmenter("head", data, preset, prep, seed, work, 0.1)
-    start = time.perf_counter()
-    default = default_head_from(head, data, preset)
-    facts["training"]["default head post-hoc seconds"] = time.perf_counter() - start
-    plain, facts["training"]["plain"] = _train_segmenter("plain", data, preset, prep, seed, work, 0.0)
-    dropout, facts["training"]["dropout"] = _train_segmenter(
-        "dropout", data, preset, prep, seed, work, 0.0, network_kwargs={"dropout": 0.2}
-    )
-    members = [plain.backbone]
-    for m in range(1, preset["ensemble_members"]):
-        member, facts["training"][f"member{m}"] = _train_segmenter(
-            f"member{m}", data, preset, prep, seed * 100 + m, work, 0.0
-        )
-        members.append(member.backbone)
-    steps = facts["training"]["plain"]["steps"]
-    epochs = epochs_for(preset["steps"], len(data["train"]))
-    start = time.perf_counter()
-    fcdd_backbone = NETWORKS["unet"].build(2, 1, len(CLASS_NAMES), **preset["network_kwargs"])
-    fcdd_net = train_fcdd(fcdd_backbone, data["train"], steps=steps, seed=seed, warm_restart_epochs=epochs)
-    facts["training"]["FCDD"] = {"steps": steps, "seconds": time.perf_counter() - start}
-    start = time.perf_counter()
-    autoencoder = AutoencoderDetector(steps=steps, seed=seed).fit(data["train"])
-    facts["training"]["autoencoder"] = {"steps": steps, "seconds": time.perf_counter() - start}
+    models: dict = {}
 
-    methods = {
-        "prototype head (paper)": (PrototypeDetector(head), head.backbone),
-        "prototype head (default)": (PrototypeDetector(default), default.backbone),
-        "MSP": (MaxSoftmaxDetector(plain.backbone), plain.backbone),
-        "entropy": (EntropyDetector(plain.backbone), plain.backbone),
-        "energy": (EnergyDetector(plain.backbone), plain.backbone),
-        "MC dropout": (
-            MCDropoutDetector(dropout.backbone, num_passes=preset["mc_passes"], seed=seed),
-            dropout.backbone,
+    def model(name):  # trained once, on first use
+        if name in models:
+            return models[name]
+        if name == "head":
+            net, facts["training"]["paper head"] = _train_segmenter(
+                "head", data, preset, prep, seed, work, 0.1
+            )
+        elif name == "default head":
+            start = time.perf_counter()
+            net = default_head_from(model("head"), data, preset)
+            facts["training"]["default head post-hoc seconds"] = time.perf_counter() - start
+        elif name in ("plain", "dropout"):
+            kwargs = {"dropout": 0.2} if name == "dropout" else None
+            net, facts["training"][name] = _train_segmenter(name, data, preset, prep, seed, work, 0.0, kwargs)
+        elif name == "members":
+            net = [model("plain").backbone]
+            for m in range(1, preset["ensemble_members"]):
+                member, facts["training"][f"member{m}"] = _train_segmenter(
+                    f"member{m}", data, preset, prep, seed * 100 + m, work, 0.0
+                )
+                net.append(member.backbone)
+        elif name == "fcdd":
+            model("plain")  # the budget: the steps the plain network took
+            steps = facts["training"]["plain"]["steps"]
+            start = time.perf_counter()
+            backbone = NETWORKS["unet"].build(2, 1, len(CLASS_NAMES), **preset["network_kwargs"])
+            epochs = epochs_for(preset["steps"], len(data["train"]))
+            net = train_fcdd(backbone, data["train"], steps=steps, seed=seed, warm_restart_epochs=epochs)
+            facts["training"]["FCDD"] = {"steps": steps, "seconds": time.perf_counter() - start}
+        elif name == "autoencoder":
+            model("plain")  # the budget: the steps the plain network took
+            steps = facts["training"]["plain"]["steps"]
+            start = time.perf_counter()
+            net = AutoencoderDetector(steps=steps, seed=seed).fit(data["train"])
+            facts["training"]["autoencoder"] = {"steps": steps, "seconds": time.perf_counter() - start}
+        elif name.startswith("fused"):  # "fused <network>[ unwarped]"
+            network = model("plain" if "plain" in name else "head").backbone
+            start = time.perf_counter()
+            net = FusedDetector(
+                network, len(CLASS_NAMES), warped_copies=0 if "unwarped" in name else 1, seed=seed
+            ).fit(data["train"], data["validation"])
+            facts["training"][f"{name} post-hoc seconds"] = time.perf_counter() - start
+        models[name] = net
+        return net
+
+    builders = {
+        "default (fused)": lambda: (model("fused head"), model("head").backbone),
+        "prototype head (paper)": lambda: (PrototypeDetector(model("head")), model("head").backbone),
+        "prototype head (default)": lambda: (
+            PrototypeDetector(model("default head")),
+            model("default head").backbone,
         ),
-        "ensemble entropy": (EnsembleDetector(members), members[0]),
-        "ensemble pairwise Dice": (EnsembleDiceDetector(members), members[0]),
-        "FCDD": (FCDDDetector(fcdd_net), fcdd_net),
-        "Mahalanobis": (MahalanobisDetector(plain.backbone).fit(data["train"]), plain.backbone),
-        "feature statistics (FRODO)": (
-            FeatureStatisticsDetector(plain.backbone).fit(data["train"], data["validation"]),
-            plain.backbone,
+        "MSP": lambda: (MaxSoftmaxDetector(model("plain").backbone), model("plain").backbone),
+        "entropy": lambda: (EntropyDetector(model("plain").backbone), model("plain").backbone),
+        "energy": lambda: (EnergyDetector(model("plain").backbone), model("plain").backbone),
+        "MC dropout": lambda: (
+            MCDropoutDetector(model("dropout").backbone, num_passes=preset["mc_passes"], seed=seed),
+            model("dropout").backbone,
         ),
-        "intensity histogram (IHF)": (
+        "ensemble entropy": lambda: (EnsembleDetector(model("members")), model("members")[0]),
+        "ensemble pairwise Dice": lambda: (EnsembleDiceDetector(model("members")), model("members")[0]),
+        "FCDD": lambda: (FCDDDetector(model("fcdd")), model("fcdd")),
+        "Mahalanobis": lambda: (
+            MahalanobisDetector(model("plain").backbone).fit(data["train"]),
+            model("plain").backbone,
+        ),
+        "feature statistics (FRODO)": lambda: (
+            FeatureStatisticsDetector(model("plain").backbone).fit(data["train"], data["validation"]),
+            model("plain").backbone,
+        ),
+        "intensity histogram (IHF)": lambda: (
             IntensityHistogramDetector().fit(data["train"], data["validation"]),
-            plain.backbone,
+            model("plain").backbone,
         ),
         # larger feature change = more OOD, as the issue defines it (the MECAM abstract hypothesises the
         # opposite, the class default)
-        "MECAM": (MECAMDetector(plain.backbone, ood_if="larger_change"), plain.backbone),
-        "autoencoder": (autoencoder, plain.backbone),
+        "MECAM": lambda: (
+            MECAMDetector(model("plain").backbone, ood_if="larger_change"),
+            model("plain").backbone,
+        ),
+        "autoencoder": lambda: (model("autoencoder"), model("plain").backbone),
     }
-    assert tuple(methods) == METHODS
-    return methods, facts
+    assert set(builders) == set(METHODS)
+    methods = {name: builders[name]() for name in METHODS if name in wanted}
+    variants = ablation_variants(model) if ablation else {}
+    return methods, variants, facts, model
+
+
+#: the ablation of the default detector: each term family alone and left out, each fusion rule, the same
+#: detector on the plain network (no head training) and fitted without warped copies
+ABLATION = (
+    "statistics only",
+    "prototypes only",
+    "intensity only",
+    "without statistics",
+    "without prototypes",
+    "without intensity",
+    "fusion sum",
+    "fusion max",
+    "fusion hazard",
+    "on the plain network",
+    "fitted without warped copies",
+)
+
+
+def ablation_variants(model) -> dict:
+    fused, segmenter = model("fused head"), model("head").backbone
+    names = fused.term_names
+
+    def family(kind):
+        return [n for n in names if n.split(":")[0] == kind]
+
+    out = {}
+    for kind in ("statistics", "prototypes", "intensity"):
+        out[f"{kind} only"] = (fused.subset(family(kind)), segmenter)
+        out[f"without {kind}"] = (fused.subset([n for n in names if n not in family(kind)]), segmenter)
+    for rule in ("sum", "max", "hazard"):
+        out[f"fusion {rule}"] = (fused.subset(names, rule), segmenter)
+    out["on the plain network"] = (model("fused plain"), model("plain").backbone)
+    out["fitted without warped copies"] = (model("fused head unwarped"), segmenter)
+    assert set(out) == set(ABLATION)
+    return {name: out[name] for name in ABLATION}
 
 
 @torch.no_grad()
@@ -256,19 +330,20 @@ def measure_costs(methods: dict, plain_net, images: np.ndarray, repeats: int = 3
     }
 
 
-def _dice_without_head(methods, sets) -> dict:
-    """Dice on the InD reference for the networks with the paper head, the default head and plain."""
+def _dice_without_head(model, sets) -> dict:
+    """Dice on the InD reference of the network trained with the head (the paper head's, the default
+    head's and the default detector's network: one backbone) and of the plain network."""
     from monai_ood.evaluation import dice_per_class
 
     images = np.stack([i["image"] for i in sets.ind]).astype(np.float32)
     labels = np.stack([i["label"][0] for i in sets.ind])
     out = {}
-    for name, method in (
-        ("with paper head", "prototype head (paper)"),
-        ("with default head", "prototype head (default)"),
-        ("plain", "MSP"),
+    for name, network in (
+        ("with paper head", "head"),
+        ("with default head", "default head"),
+        ("plain", "plain"),
     ):
-        segmenter = methods[method][1].eval()
+        segmenter = model(network).backbone.eval()
         with torch.no_grad():
             prediction = np.concatenate(
                 [
@@ -284,32 +359,65 @@ def _dice_without_head(methods, sets) -> dict:
     return out
 
 
-def run_seed(preset: dict, seed: int, work: Path) -> dict:
+def _evaluate_all(detectors: dict, sets, costs: dict) -> dict:
+    rows = {}
+    for name, (detector, segmenter) in detectors.items():
+        print(f"   evaluating {name}", flush=True)
+        row = evaluate(detector_scorer(detector, segmenter), sets, len(CLASS_NAMES), CLASS_NAMES)
+        row["time_ratio_to_plain_forward"] = costs["methods"][name]["ratio_to_plain_forward"]
+        rows[name] = row
+    return rows
+
+
+def run_seed(preset: dict, seed: int, work: Path, wanted=METHODS, previous: dict | None = None) -> dict:
+    """One seed: train what the ``wanted`` methods need, evaluate them and the default detector's
+    ablation. With ``previous`` (the stored run of this seed), only ``wanted`` are run again and merged
+    into it; the plain network's Dice, retrained with the same seed, is checked against the stored one."""
     prep = SlicePreprocessing(**preset["preprocessing"])
     start = time.perf_counter()
     torch.manual_seed(seed)
     data = load_brain_dataset(preprocessing=prep)
     sets = benchmark_sets(prep, seed=seed, artefact_limit=preset["artefact_limit"])
-    methods, facts = build_methods(data, preset, prep, seed, work / f"seed{seed}")
+    methods, variants, facts, model = build_methods(data, preset, prep, seed, work / f"seed{seed}", wanted)
     facts["data"] = {split: len(items) for split, items in data.items()}
     facts["sets"] = sets.summary()
-    facts["dice"] = _dice_without_head(methods, sets)
-    plain_step = facts["training"]["plain"]["seconds"] / facts["training"]["plain"]["steps"]
-    facts["training_step_ratio_to_plain"] = {
-        name: (row["seconds"] / row["steps"]) / plain_step
-        for name, row in facts["training"].items()
-        if isinstance(row, dict)
-    }
+    facts["dice"] = _dice_without_head(model, sets)
     ind_images = np.stack([i["image"] for i in sets.ind]).astype(np.float32)
-    costs = measure_costs(methods, methods["MSP"][1], ind_images[: 4 * BATCH_SIZE])
-    results = {"facts": facts, "costs": costs, "methods": {}}
-    for method, (detector, segmenter) in methods.items():
-        print(f"   evaluating {method}", flush=True)
-        row = evaluate(detector_scorer(detector, segmenter), sets, len(CLASS_NAMES), CLASS_NAMES)
-        row["time_ratio_to_plain_forward"] = costs["methods"][method]["ratio_to_plain_forward"]
-        results["methods"][method] = row
-    results["seconds"] = time.perf_counter() - start
-    return results
+    costs = measure_costs({**methods, **variants}, model("plain").backbone, ind_images[: 4 * BATCH_SIZE])
+    results = {"facts": facts, "costs": costs, "methods": _evaluate_all(methods, sets, costs)}
+    results["ablation"] = _evaluate_all(variants, sets, costs)
+    fused = model("fused head")
+    results["default_detector"] = {"terms": fused.term_names, "selection": fused.selection_}
+    seconds = time.perf_counter() - start
+    if previous is None:
+        plain_step = facts["training"]["plain"]["seconds"] / facts["training"]["plain"]["steps"]
+        facts["training_step_ratio_to_plain"] = {
+            name: (row["seconds"] / row["steps"]) / plain_step
+            for name, row in facts["training"].items()
+            if isinstance(row, dict)
+        }
+        results["seconds"] = seconds
+        return results
+    merged = copy.deepcopy(previous)
+    stored, new = previous["facts"]["dice"]["plain"]["mean"], facts["dice"]["plain"]["mean"]
+    merged["facts"]["reproduction"] = {
+        "plain Dice stored": stored,
+        "plain Dice retrained": new,
+        "same": bool(abs(stored - new) < 1e-9),
+    }
+    merged["facts"]["training"].update(facts["training"])
+    merged["facts"]["dice"].update(facts["dice"])
+    merged["methods"].update(results["methods"])
+    merged["ablation"] = results["ablation"]
+    merged["default_detector"] = results["default_detector"]
+    merged["costs"]["partial"] = costs
+    for name in results["methods"]:
+        merged["costs"]["methods"][name] = costs["methods"][name]
+    order = [m for m in METHODS if m in merged["methods"]]
+    merged["methods"] = {m: merged["methods"][m] for m in order}
+    merged.setdefault("partial_runs", []).append({"methods": sorted(results["methods"]), "seconds": seconds})
+    merged["seconds"] = previous["seconds"] + seconds
+    return merged
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -481,6 +589,14 @@ def main(argv=None) -> int:
         "--overwrite", action="store_true", help="run every seed again, even those already saved"
     )
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        metavar="METHOD",
+        help="run only these methods (and the default detector's ablation) again and merge them into the "
+        "stored seeds (which must exist); the models they need are retrained with the same seeds",
+    )
+    parser.add_argument(
         "--rewrite",
         action="store_true",
         help="only rewrite results.md (and derived fields) from an existing results.json in --output",
@@ -519,6 +635,29 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for seed in seeds:
         path = output / "seeds" / f"seed{seed}.json"
+        if args.methods:
+            if not path.exists():
+                parser.error(f"--methods merges into stored seeds, but {path} does not exist: run it in full")
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("settings") != settings:
+                parser.error(f"--methods: {path} was made with other settings")
+            done = saved.get("commands", [])[1:]
+            if command in done and not args.overwrite:
+                print(f"== seed {seed}: {path} already has {args.methods} from this command; kept", flush=True)
+                report["runs"][str(seed)] = saved["run"]
+                continue
+            print(f"== seed {seed}: running {args.methods} again, merged into {path}", flush=True)
+            run = run_seed(preset, seed, work, wanted=set(args.methods), previous=saved["run"])
+            commands = saved.get("commands", [saved.get("command")]) + [command]
+            atomic_write_text(
+                path,
+                json.dumps(
+                    {"settings": settings, "command": saved.get("command"), "commands": commands, "run": run}
+                ),
+                overwrite=True,
+            )
+            report["runs"][str(seed)] = run
+            continue
         if path.exists() and not args.overwrite:
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved.get("settings") == settings:

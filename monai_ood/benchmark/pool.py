@@ -113,7 +113,7 @@ from monai_ood.preprocessing import (
     to_grid,
     volume_to_slices,
 )
-from monai_ood.transforms.augmentation import affine_augmentation
+from monai_ood.transforms.augmentation import warped_copies
 
 __all__ = [
     "BRAIN_MASK_THRESHOLD",
@@ -986,26 +986,7 @@ def brain_test_variants(test_items: Sequence[dict[str, Any]], seed: int = 0) -> 
         New items with the warped ``"image"`` (float32, in [0, 1]) and ``"label"`` (int64), the other
         keys copied, plus ``"variant": "affine"``.
     """
-    from monai.utils import convert_to_numpy
-
-    warp = affine_augmentation(("image", "label"), prob=1.0)
-    warp.set_random_state(seed)
-    out = []
-    for item in test_items:
-        has_label = item.get("label") is not None
-        data = {"image": np.asarray(item["image"], dtype=np.float32)}
-        # The label rides along even when absent so that every item consumes the same random numbers.
-        data["label"] = (
-            np.asarray(item["label"], dtype=np.float32) if has_label else np.zeros_like(data["image"])
-        )
-        warped = warp(data)
-        new = {k: v for k, v in item.items() if k not in ("image", "label")}
-        new["image"] = np.clip(convert_to_numpy(warped["image"], dtype=np.float32), 0.0, 1.0)
-        if has_label:
-            new["label"] = np.rint(convert_to_numpy(warped["label"])).astype(np.int64)
-        new["variant"] = "affine"
-        out.append(new)
-    return out
+    return [{**new, "variant": "affine"} for new in warped_copies(test_items, seed=seed, spatial_dims=2)]
 
 
 # ----------------------------------------------------------------------------- the label report

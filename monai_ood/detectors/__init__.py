@@ -1,4 +1,5 @@
-"""OOD detectors with one contract (:class:`Detector`: ``fit`` / ``predict``, higher = more OOD).
+"""OOD detectors with one contract (:class:`Detector`: ``fit`` / ``predict``, higher = more OOD), and the
+scoring terms they fuse (:mod:`.terms`: ``fit_features`` / ``predict_features`` on one shared pass).
 
 Each method is one file; :data:`DETECTORS` maps the benchmark's names to the classes.
 """
@@ -10,16 +11,19 @@ from .ensemble import EnsembleDetector, EnsembleDiceDetector, pairwise_dice
 from .entropy import EntropyDetector
 from .fcdd import FCDDDetector, FCDDLoss, FCDDNet, train_fcdd
 from .feature_statistics import FeatureStatisticsDetector
+from .fused import FusedDetector, default_terms, fuse_scores
 from .intensity_histogram import IntensityHistogramDetector, intensity_histograms
 from .mahalanobis import MahalanobisDetector
 from .mc_dropout import MCDropoutDetector
 from .mecam import MECAMDetector, find_decoder_exits
 from .msp import MaxSoftmaxDetector
 from .prototype import PrototypeDetector
+from .terms import TERMS, ClassPrototypeTerm, Features, IntensityTerm, StageStatisticsTerm, Term, TermOutput
 
 DETECTORS = {
     cls.name: cls
     for cls in (
+        FusedDetector,
         PrototypeDetector,
         MaxSoftmaxDetector,
         EntropyDetector,
@@ -38,6 +42,16 @@ DETECTORS = {
 
 __all__ = [
     "DETECTORS",
+    "TERMS",
+    "ClassPrototypeTerm",
+    "Features",
+    "FusedDetector",
+    "IntensityTerm",
+    "StageStatisticsTerm",
+    "Term",
+    "TermOutput",
+    "default_terms",
+    "fuse_scores",
     "AutoencoderDetector",
     "Detector",
     "DetectorOutput",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from monai.transforms import RandAffined
 
-__all__ = ["ROTATE_DEGREES", "TRANSLATE_PIXELS", "affine_augmentation"]
+__all__ = ["ROTATE_DEGREES", "TRANSLATE_PIXELS", "affine_augmentation", "warped_copies"]
 
 ROTATE_DEGREES = 15.0
 TRANSLATE_PIXELS = 10.0
@@ -48,3 +48,49 @@ def affine_augmentation(
         mode=("bilinear",) + ("nearest",) * (len(keys) - 1),
         padding_mode="zeros",
     )
+
+
+def warped_copies(
+    items: Sequence[dict], seed: int = 0, copies: int = 1, spatial_dims: int | None = None
+) -> list[dict]:
+    """``copies`` warped versions of each item under :func:`affine_augmentation` (one resampling each),
+    for fitting post-hoc statistics on images that went through the same interpolation as training and
+    test images (BENCHMARK.md, "Resampling shortcut").
+
+    Args:
+        items: dicts with ``"image"`` ``(C, *spatial)`` and optionally ``"label"`` ``(1, *spatial)``.
+        seed: seed of the warps; the same seed and items give the same copies.
+        copies: warped versions per item (``0`` returns ``[]``).
+        spatial_dims: 2 or 3; read from the first image when ``None``.
+
+    Returns:
+        New items (item-major: every copy of the first item first) with the warped ``"image"`` (float32,
+        clipped to ``[0, 1]``) and ``"label"`` (int64, nearest neighbour) and the other keys copied.
+    """
+    import numpy as np
+    from monai.utils import convert_to_numpy
+
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+        raise ValueError(f"copies must be an int >= 0, got {copies!r}")
+    if not items or copies == 0:
+        return []
+    if spatial_dims is None:
+        spatial_dims = np.asarray(items[0]["image"]).ndim - 1
+    warp = affine_augmentation(("image", "label"), spatial_dims=spatial_dims, prob=1.0)
+    warp.set_random_state(seed)
+    out = []
+    for item in items:
+        has_label = item.get("label") is not None
+        for _ in range(copies):
+            data = {"image": np.asarray(item["image"], dtype=np.float32)}
+            # the label rides along even when absent so that every item consumes the same random numbers
+            data["label"] = (
+                np.asarray(item["label"], dtype=np.float32) if has_label else np.zeros_like(data["image"])
+            )
+            warped = warp(data)
+            new = {k: v for k, v in item.items() if k not in ("image", "label")}
+            new["image"] = np.clip(convert_to_numpy(warped["image"], dtype=np.float32), 0.0, 1.0)
+            if has_label:
+                new["label"] = np.rint(convert_to_numpy(warped["label"])).astype(np.int64)
+            out.append(new)
+    return out

@@ -1,0 +1,76 @@
+"""Capture the outputs of several named layers of a network in one forward pass.
+
+The one feature-capture mechanism of the detectors' terms (:mod:`monai_ood.detectors.terms`): forward
+hooks on the requested modules record their outputs; with ``run_to_end=False`` the pass stops as soon
+as the last requested layer has run (a hook raises), so an encoder-only pass never runs the decoder,
+even in networks whose encoder and decoder are nested (MONAI's ``UNet``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .prototype_net import _first_tensor, named_module
+
+__all__ = ["capture_features"]
+
+
+class _AllCaptured(Exception):
+    """Raised by the last hook to end an early-stopping pass once every layer has run."""
+
+
+def capture_features(
+    network: nn.Module, layers: Sequence[str], images: torch.Tensor, run_to_end: bool = True
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """One forward pass of ``network`` on ``images``, recording the output of every layer in ``layers``.
+
+    Args:
+        network: any module; ``layers`` are dotted names in ``network.named_modules()``.
+        layers: the modules whose outputs to keep (a layer called twice keeps its first output).
+        images: the input batch, passed as is (move it to the network's device first).
+        run_to_end: ``True`` runs the whole network and returns its output; ``False`` stops after the
+            last requested layer has run and returns ``None`` as output.
+
+    Returns:
+        ``(output, {layer: tensor})``: the network's output (its first tensor for a tuple/list output,
+        e.g. deep supervision) or ``None``, and each layer's output (the first tensor of a tuple).
+
+    Raises:
+        ValueError: for a name that is not a module of ``network``.
+        RuntimeError: if a requested layer was not called during the forward pass.
+    """
+    layers = list(dict.fromkeys(layers))
+    modules = [named_module(network, name) for name in layers]
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, inputs, output) -> None:  # returns None: a returned value would replace output
+            if name in captured:
+                return
+            captured[name] = _first_tensor(output)
+            if not run_to_end and len(captured) == len(layers):
+                raise _AllCaptured
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in zip(layers, modules, strict=True)]
+    output = None
+    try:
+        if layers or run_to_end:
+            output = network(images)
+    except _AllCaptured:
+        output = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in captured]
+    if missing:
+        raise RuntimeError(f"layers {missing} were not called during {type(network).__name__}'s forward pass")
+    if output is not None and not run_to_end:
+        output = None
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        output = output[0]
+    return output, captured
