@@ -1,10 +1,11 @@
-"""``monai-ood`` command line: train, calibrate, score, evaluate.
+"""``monai-ood`` command line: train, fit, calibrate, score, evaluate.
 
 Examples::
 
     monai-ood train --output runs/brain                      # embedded pool of four brains (axial slices)
     monai-ood train --datalist data.json --output runs/mine  # your MONAI datalist
-    monai-ood calibrate --checkpoint runs/brain/model.pt     # (train does this already)
+    monai-ood fit --checkpoint weights.pt --network segresnet --output fitted/model.pt  # post hoc, no retraining
+    monai-ood calibrate --checkpoint runs/brain/model.pt     # (train and fit do this already)
     monai-ood score --checkpoint runs/brain/model.pt scan.nii.gz dicom_folder/ --output scores/
     monai-ood score --checkpoint runs/brain/model.pt scans/ --output scores/ --resume  # finish or extend a batch
     monai-ood evaluate --checkpoint runs/brain/model.pt --output eval/
@@ -107,12 +108,121 @@ def _cmd_train(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
+    if args.detector == "fused":
+        from .engines.posthoc import fit_detector
+
+        detector = fit_detector(
+            result.best_checkpoint, train_items, val_items, seed=args.seed, device=args.device
+        )
+        print(
+            f"default detector fitted: {len(detector.terms)} terms on {len(detector.layers)} layers, "
+            f"fusion {detector.fusion_!r} (chosen on outliers synthesised from the validation split)"
+        )
     if not args.no_calibrate:
         calibrator = calibrate(result.best_checkpoint, val_items, device=args.device)
         print(
             f"calibrated on the validation split: Weibull shape={calibrator.shape:.3f} scale={calibrator.scale:.3f}"
         )
     print(f"model: {result.best_checkpoint}")
+    return 0
+
+
+# ---------------------------------------------------------------- fit
+
+
+def _state_dict_in(data, source: str) -> dict:
+    """The network weights in a loaded file: a plain state dict, or one under a usual key."""
+    import torch
+
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return data
+    for key in ("state_dict", "model", "network", "net"):
+        inner = data.get(key) if isinstance(data, dict) else None
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    raise ValueError(
+        f"{source!r} holds no network weights: expected a state dict (or one under 'state_dict', 'model', "
+        "'network' or 'net')"
+    )
+
+
+def _cmd_fit(args) -> int:
+    import torch
+
+    from .engines.calibration import calibrate
+    from .engines.checkpoint import MODEL_FORMAT, build_network, load_model, make_model_config, save_model
+    from .engines.posthoc import fit_detector
+    from .preprocessing import SlicePreprocessing
+
+    source = Path(args.checkpoint)
+    if not source.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(source)!r}")
+    try:
+        data = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged or foreign file fails in many ways
+        raise ValueError(f"{str(source)!r} cannot be read with torch.load(weights_only=True): {err}") from err
+    output = Path(args.output) if args.output else source
+    if isinstance(data, dict) and data.get("format") == MODEL_FORMAT:
+        if args.network:
+            raise ValueError(f"{str(source)!r} is a monai-ood model: --network is only for plain weights")
+        preprocessing = load_model(source, device="cpu").preprocessing
+        if output != source:
+            if output.exists() and not args.overwrite:
+                raise FileExistsError(f"{str(output)!r} exists: pass --overwrite or another --output")
+            check_writable(output.parent if output.parent != Path("") else Path("."))
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_bytes(source.read_bytes())
+    else:
+        if not args.network:
+            raise ValueError(
+                f"{str(source)!r} is not a monai-ood model: give the architecture of its weights with "
+                "--network (and --network-kwargs, --num-classes, --in-channels)"
+            )
+        if args.output is None or output.resolve() == source.resolve():
+            raise ValueError("--output is required for plain weights (the input is never overwritten)")
+        if output.exists() and not args.overwrite:
+            raise FileExistsError(f"{str(output)!r} exists: pass --overwrite or another --output")
+        state = _state_dict_in(data, str(source))
+        config = make_model_config(
+            args.network, 2, args.in_channels, args.num_classes, args.head_channels, args.network_kwargs
+        )
+        net = build_network(config)
+        try:
+            net.backbone.load_state_dict(state)
+        except RuntimeError as err:
+            first = " ".join(str(err).split())[:400]
+            raise ValueError(
+                f"the weights in {str(source)!r} do not fit {args.network!r} with {args.network_kwargs or {}}, "
+                f"{args.in_channels} input channel(s) and {args.num_classes} classes: {first}"
+            ) from err
+        preprocessing = SlicePreprocessing(axis=args.axis, spacing=args.spacing, size=args.size)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save_model(
+            output,
+            net,
+            config,
+            preprocessing,
+            metrics={"weights": str(source), "head": "not trained (the fused detector scores)"},
+        )
+    train_items = _load_items(args, "train", preprocessing)
+    val_items = _load_items(args, "validation", preprocessing)
+    print(
+        f"fitting the default detector on {len(train_items)} training and {len(val_items)} validation images"
+    )
+    detector = fit_detector(
+        output,
+        train_items,
+        val_items,
+        layers=args.layers,
+        fusion=args.fusion,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(f"terms: {', '.join(detector.term_names)}; fusion {detector.fusion_!r}")
+    if not args.no_calibrate:
+        calibrator = calibrate(output, val_items, device=args.device)
+        print(f"calibrated: Weibull shape={calibrator.shape:.3f} scale={calibrator.scale:.3f}")
+    print(f"model: {output}")
     return 0
 
 
@@ -169,6 +279,18 @@ def _cmd_calibrate(args) -> int:
 
 
 # ---------------------------------------------------------------- score
+
+FIT_DESCRIPTION = """\
+Fit the default detector on a trained segmentation network without retraining it: channel statistics
+of every encoder stage, class prototypes on the shallow stages (labels of the training split; the
+network's own prediction where there are none) and a coarse intensity histogram, standardised on the
+validation split and fused by the rule that best separates outliers synthesised from the validation
+images. Then the fused map is calibrated. The result is a model.pt that `calibrate`, `score` and
+`evaluate` read.
+
+  monai-ood fit --checkpoint runs/brain/model.pt                       # refit a monai-ood model
+  monai-ood fit --checkpoint weights.pt --network segresnet \\
+      --network-kwargs '{"init_filters": 8}' --num-classes 4 --output fitted/model.pt"""
 
 SCORE_FIELDS = [
     "input",
@@ -472,7 +594,12 @@ def _cmd_score(args) -> int:
                 stem, paths = stems[path], planned[path]
                 try:
                     scored = score_image(
-                        loaded.net, read_image(path), preprocessing, loaded.calibrator, args.batch_size
+                        loaded.net,
+                        read_image(path),
+                        preprocessing,
+                        loaded.calibrator,
+                        args.batch_size,
+                        loaded.detector,
                     )
                 except _INPUT_ERRORS as error:
                     fail(path, _error_line(error))
@@ -579,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,calibrate,score,evaluate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,fit,calibrate,score,evaluate}")
 
     p = sub.add_parser(
         "train", help="train a segmentation network with the prototype OOD head, then calibrate it"
@@ -665,9 +792,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if OUTPUT holds a run")
     p.add_argument(
+        "--detector",
+        choices=("fused", "head"),
+        default="fused",
+        help="what scores: the default fused detector fitted after training (multi-depth terms, see "
+        "`monai-ood fit`), or the prototype head alone (default: fused)",
+    )
+    p.add_argument(
         "--no-calibrate", action="store_true", help="skip the Weibull calibration on the validation split"
     )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "fit",
+        help="fit the default detector post hoc on a trained network (no retraining), then calibrate",
+        description=FIT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_data_arguments(p)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a monai-ood model.pt (the detector is refitted), or plain weights of a MONAI network "
+        "(a state dict, e.g. a bundle's models/model.pt; needs --network)",
+    )
+    p.add_argument("--output", help="model.pt to write (default: the monai-ood checkpoint itself)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument(
+        "--network",
+        help="architecture of plain weights: unet, basic_unet, dynunet, segresnet, swinunetr, deeplabv3",
+    )
+    p.add_argument(
+        "--network-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON arguments of the network, as it was built, e.g. '{\"init_filters\": 8}'",
+    )
+    p.add_argument("--in-channels", type=int, default=1, help="input channels of plain weights (default: 1)")
+    p.add_argument(
+        "--head-channels",
+        type=int,
+        default=16,
+        help="embedding size of the (untrained, unused) prototype head stored with plain weights (default: 16)",
+    )
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        help="module names of the stages to read, shallow to deep (default: the network's encoder stages)",
+    )
+    p.add_argument(
+        "--fusion",
+        choices=("auto", "sum", "max", "hazard"),
+        default="auto",
+        help="how the terms are fused (default: auto, chosen on outliers synthesised from validation)",
+    )
+    p.add_argument(
+        "--axis",
+        choices=["axial", "coronal", "sagittal"],
+        default="axial",
+        help="slicing axis of plain weights",
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=2,
+        default=(2.0, 2.0),
+        metavar=("ROW", "COL"),
+        help="in-plane spacing (mm)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(112, 96),
+        metavar=("ROWS", "COLS"),
+        help="slice size (SwinUNETR: multiples of 32, e.g. 128 96)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the warps and selection outliers (default: 0)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the Weibull calibration of the map")
+    p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser(
         "calibrate",

@@ -7,12 +7,15 @@ segmentation, linear for the maps), so it overlays the input exactly in 3D Slice
 
 Image-level numbers (the table of ``monai-ood score``):
 
-* ``image_score``: the network's image score per slice (the paper's head: ``||A(x)||_1 / (feature
-  pixels)``, eq. 6; a head with several terms: ``log sum_t H_t`` of its terms' Weibull hazards, see
-  :class:`~monai_ood.networks.PrototypeOODNet`); for a volume scored by a 2D model, the mean over its
+* ``image_score``: the image score per slice: the fitted default detector's fused score when the
+  checkpoint holds one (:class:`~monai_ood.detectors.FusedDetector`: multi-depth terms standardised on
+  validation images, e.g. the sum of their z-scores), else the head's (the paper's: ``||A(x)||_1 /
+  (feature pixels)``, eq. 6; a head with several terms: ``log sum_t H_t`` of its terms' Weibull hazards,
+  see :class:`~monai_ood.networks.PrototypeOODNet`); for a volume scored by a 2D model, the mean over its
   slices that contain any signal (slices entirely outside the field of view are left out); for a 3D
   model, the mean of the upsampled (fused) map over the volume, since sliding windows see no whole image.
-* ``calibrated_degree``: the mean of ``A_xi = WeibullCDF(A)`` over the same pixels: a number in
+* ``calibrated_degree``: the mean of ``A_xi = WeibullCDF(A)`` (``A``: the detector's fused map, or the
+  head's) over the same pixels: a number in
   [0, 1] on the scale fitted to validation data (about 0.5 for typical InD images by construction,
   rising towards 1 as more of the image lies beyond the validation distances).
 """
@@ -59,14 +62,28 @@ def _device_of(net: torch.nn.Module) -> torch.device:
     return next(net.parameters()).device
 
 
+def _forward(net: PrototypeOODNet, detector, batch: torch.Tensor):
+    """One pass: ``(logits, map on its own grid, map at the input size, image score)``, from the fitted
+    default detector when there is one, else from the prototype head."""
+    if detector is not None:
+        logits, out, low = detector.segment_and_score(batch)
+        if low is None:
+            raise ValueError("the stored detector has no map term: it cannot write score maps")
+        return logits, low, out.score_map, out.image_score
+    logits, ood = net.forward_with_ood(batch)
+    return logits, ood.score_map, ood.score_map_upsampled, ood.image_score
+
+
 @torch.no_grad()
 def score_slices(
     net: PrototypeOODNet,
     slices: np.ndarray,
     calibrator: WeibullCalibrator | None = None,
     batch_size: int = 16,
+    detector=None,
 ) -> dict[str, np.ndarray]:
-    """Run a 2D model on preprocessed slices ``(S, 1, H, W)``.
+    """Run a 2D model on preprocessed slices ``(S, 1, H, W)`` (with its fitted default ``detector``, a
+    :class:`~monai_ood.detectors.FusedDetector`, when given: its score and map replace the head's).
 
     Returns:
         ``segmentation`` (S, H, W) uint8, ``score_map`` (S, H, W) float32 (A upsampled to the slice),
@@ -79,12 +96,12 @@ def score_slices(
     segmentation, maps, scores, degrees = [], [], [], []
     for start in range(0, len(slices), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size])).to(device)
-        logits, ood = net.forward_with_ood(batch)
+        logits, low, upsampled, image_score = _forward(net, detector, batch)
         segmentation.append(logits.argmax(1).to(torch.uint8).cpu())
-        maps.append(ood.score_map_upsampled[:, 0].float().cpu())
-        scores.append(ood.image_score.float().cpu())
+        maps.append(upsampled[:, 0].float().cpu())
+        scores.append(image_score.float().cpu())
         if calibrator is not None:
-            degrees.append(calibrator.transform(ood.score_map.float()).flatten(1).mean(1).cpu())
+            degrees.append(calibrator.transform(low.float()).flatten(1).mean(1).cpu())
     score_map = torch.cat(maps).numpy()
     return {
         "segmentation": torch.cat(segmentation).numpy(),
@@ -95,9 +112,9 @@ def score_slices(
     }
 
 
-def _score_2d(net, image, preprocessing: SlicePreprocessing, calibrator, batch_size) -> ScoredImage:
+def _score_2d(net, image, preprocessing: SlicePreprocessing, calibrator, batch_size, detector) -> ScoredImage:
     slices, _, grid = volume_to_slices(image, preprocessing)
-    out = score_slices(net, slices, calibrator, batch_size)
+    out = score_slices(net, slices, calibrator, batch_size, detector)
     has_signal = slices.reshape(len(slices), -1).max(1) > 0
     if not has_signal.any():
         raise ValueError("the image has no contrast anywhere (constant intensities): nothing to score")
@@ -130,7 +147,9 @@ def _score_2d(net, image, preprocessing: SlicePreprocessing, calibrator, batch_s
 
 
 @torch.no_grad()
-def _score_3d(net, image, preprocessing: VolumePreprocessing, calibrator, batch_size) -> ScoredImage:
+def _score_3d(
+    net, image, preprocessing: VolumePreprocessing, calibrator, batch_size, detector
+) -> ScoredImage:
     grid = volume_grid(image, preprocessing)
     array = normalize_intensity(
         sitk.GetArrayFromImage(to_grid(image, grid)), preprocessing.percentiles, per_slice=False
@@ -139,8 +158,8 @@ def _score_3d(net, image, preprocessing: VolumePreprocessing, calibrator, batch_
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         # one tensor out, so MONAI's window stitching keeps working: [logits, upsampled A]
-        logits, ood = net.forward_with_ood(x)
-        return torch.cat([logits.float(), ood.score_map_upsampled.float()], dim=1)
+        logits, _, upsampled, _ = _forward(net, detector, x)
+        return torch.cat([logits.float(), upsampled.float()], dim=1)
 
     net.eval()
     inputs = torch.from_numpy(array)[None, None].to(_device_of(net))
@@ -182,6 +201,7 @@ def score_image(
     preprocessing: SlicePreprocessing | VolumePreprocessing,
     calibrator: WeibullCalibrator | None = None,
     batch_size: int = 16,
+    detector=None,
 ) -> ScoredImage:
     """Segment and score one image (2D or 3D, any orientation and spacing) with a trained model.
 
@@ -192,6 +212,8 @@ def score_image(
             may be overridden by the caller to slice along another anatomical axis.
         calibrator: the checkpoint's Weibull calibration, or ``None`` (then no A_xi is produced).
         batch_size: slices per forward pass (2D) or sliding-window batch size (3D).
+        detector: the checkpoint's fitted default detector (:attr:`LoadedModel.detector`), or ``None``
+            (then the prototype head's score and map).
 
     Raises:
         ValueError: on NaN/Inf voxels or an image without any contrast.
@@ -201,4 +223,4 @@ def score_image(
     if net.spatial_dims == 3 and not isinstance(preprocessing, VolumePreprocessing):
         raise ValueError(f"a 3D model needs VolumePreprocessing, got {type(preprocessing).__name__}")
     scorer = _score_2d if net.spatial_dims == 2 else _score_3d
-    return scorer(net, image, preprocessing, calibrator, batch_size)
+    return scorer(net, image, preprocessing, calibrator, batch_size, detector)

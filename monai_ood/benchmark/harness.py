@@ -169,7 +169,7 @@ def checkpoint_scorer(loaded, batch_size: int = 32) -> Scorer:
     from ..inference import score_slices
 
     def score(images: np.ndarray) -> Scores:
-        out = score_slices(loaded.net, images, loaded.calibrator, batch_size)
+        out = score_slices(loaded.net, images, loaded.calibrator, batch_size, loaded.detector)
         score_map = out["calibrated_map"] if out["calibrated_map"] is not None else out["score_map"]
         return Scores(out["image_score"].astype(np.float64), score_map, out["segmentation"])
 

@@ -237,8 +237,17 @@ class FusedDetector(Detector):
         return Features(images, stages, logits, None if labels is None else labels.to(device))
 
     def _item_batches(self, items: Sequence[dict], with_labels: bool):
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
+        """Stacks of up to ``batch_size`` consecutive items of one shape (3D volumes may differ)."""
+        chunks, chunk = [], []
+        for item in items:
+            shape = np.shape(item["image"])
+            if chunk and (len(chunk) == self.batch_size or np.shape(chunk[0]["image"]) != shape):
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(item)
+        if chunk:
+            chunks.append(chunk)
+        for chunk in chunks:
             images = torch.from_numpy(np.stack([np.asarray(i["image"], dtype=np.float32) for i in chunk]))
             labels = None
             if with_labels and all(i.get("label") is not None for i in chunk):

@@ -9,6 +9,7 @@ from .checkpoint import (
     resolve_device,
     save_model,
     set_calibration,
+    set_detector,
 )
 from .training import TrainingConfig, TrainResult, train
 
@@ -23,5 +24,6 @@ __all__ = [
     "resolve_device",
     "save_model",
     "set_calibration",
+    "set_detector",
     "train",
 ]

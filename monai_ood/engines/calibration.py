@@ -3,7 +3,9 @@
 :func:`calibrate` runs the encoder-only OOD pass of a saved model on the validation images, fits a
 :class:`~monai_ood.calibration.WeibullCalibrator` to every value of the feature-resolution score maps
 ``A(x) = min_k D_M`` (the maps the paper calibrates, before any upsampling, so each feature pixel counts
-once) and stores it in the checkpoint, where ``monai-ood score`` finds it.
+once) and stores it in the checkpoint, where ``monai-ood score`` finds it. A checkpoint with a fitted
+default detector (:class:`~monai_ood.detectors.FusedDetector`) is calibrated on the detector's fused map
+instead, the map ``score`` writes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..calibration import WeibullCalibrator
 from .checkpoint import load_model, resolve_device, set_calibration, set_weights
 from .training import check_items
 
-__all__ = ["calibrate", "refit", "score_map_batches"]
+__all__ = ["calibrate", "detector_map_batches", "refit", "score_map_batches"]
 
 
 def _batches(items: Sequence[Mapping[str, Any]], batch_size: int, key: str = "image") -> Iterator[np.ndarray]:
@@ -44,6 +46,17 @@ def score_map_batches(
     with torch.inference_mode():
         for images in _batches(items, batch_size):
             yield net.ood(torch.from_numpy(images).to(device)).score_map.float().cpu()
+
+
+def detector_map_batches(
+    detector, items: Sequence[Mapping[str, Any]], batch_size: int
+) -> Iterator[torch.Tensor]:
+    """The fitted default detector's fused maps on their own grid ``(B, 1, *map_spatial)``, on the CPU."""
+    for images in _batches(items, batch_size):
+        low = detector.segment_and_score(torch.from_numpy(images))[2]
+        if low is None:
+            raise ValueError("the model's detector has no map term: there is no map to calibrate")
+        yield low.float().cpu()
 
 
 def calibrate(
@@ -86,7 +99,11 @@ def calibrate(
             torch.from_numpy(images).to(device) for images in _batches(val_items, batch_size)
         )
         set_weights(checkpoint_path, loaded.net)
-    calibrator = WeibullCalibrator().fit(score_map_batches(loaded.net, val_items, batch_size, device))
+    if loaded.detector is not None:  # the default detector's fused map is what score writes
+        maps = detector_map_batches(loaded.detector, val_items, batch_size)
+    else:
+        maps = score_map_batches(loaded.net, val_items, batch_size, device)
+    calibrator = WeibullCalibrator().fit(maps)
     set_calibration(checkpoint_path, calibrator)
     return calibrator
 

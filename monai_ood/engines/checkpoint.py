@@ -15,6 +15,7 @@ rebuilt on the way out.
         "preprocessing": SlicePreprocessing/VolumePreprocessing.to_dict(),
         "calibration": WeibullCalibrator.to_dict() or None,
         "class_names": list[str] or None,
+        "detector": FusedDetector.to_state() or None, # the fitted default detector (absent: the head scores)
         "metrics": dict,                              # e.g. the validation Dice the model was selected by
         "monai_ood_version": str,
     }
@@ -66,6 +67,7 @@ __all__ = [
     "save_model",
     "save_training_state",
     "set_calibration",
+    "set_detector",
     "set_weights",
 ]
 
@@ -231,6 +233,9 @@ class LoadedModel:
         class_names: names of the output classes, or ``None``.
         metrics: what was recorded with the model (e.g. its validation Dice and epoch).
         path: the file it was read from.
+        detector: the fitted :class:`~monai_ood.detectors.FusedDetector` on the network's backbone (the
+            image score, map and segmentation of ``monai-ood score``), or ``None``: then the prototype
+            head scores.
     """
 
     net: nn.Module
@@ -240,6 +245,7 @@ class LoadedModel:
     class_names: list[str] | None
     metrics: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    detector: Any = None
 
 
 def cpu_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -255,6 +261,7 @@ def save_model(
     calibration: WeibullCalibrator | None = None,
     class_names: list[str] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    detector: Any = None,
 ) -> Path:
     """Write a model checkpoint (``model.pt``) atomically.
 
@@ -266,6 +273,7 @@ def save_model(
         calibration: a fitted Weibull calibrator, or ``None``.
         class_names: one name per output class, or ``None``.
         metrics: plain values to record (numbers, strings, lists, dicts).
+        detector: a fitted :class:`~monai_ood.detectors.FusedDetector` on ``net``, or ``None``.
 
     Returns:
         ``path``.
@@ -291,6 +299,7 @@ def save_model(
         "calibration": calibration.to_dict() if calibration is not None else None,
         "class_names": class_names,
         "metrics": dict(metrics or {}),
+        "detector": None if detector is None else detector.to_state(),
         "monai_ood_version": __version__,
     }
     return _atomic_save(checkpoint, path)
@@ -362,6 +371,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         calibrator = None if data["calibration"] is None else WeibullCalibrator.from_dict(data["calibration"])
     except (ValueError, TypeError) as err:
         raise ValueError(f"{source!r}: invalid preprocessing or calibration entry: {err}") from err
+    detector = None
+    if data.get("detector") is not None:
+        from ..detectors.fused import FusedDetector  # deferred: detectors import the engines' neighbours
+
+        try:
+            detector = FusedDetector.from_state(net, data["detector"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{source!r}: invalid detector entry: {err}") from err
     return LoadedModel(
         net=net,
         model_config=config,
@@ -370,6 +387,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         class_names=None if data["class_names"] is None else list(data["class_names"]),
         metrics=dict(data.get("metrics") or {}),
         path=Path(path),
+        detector=detector,
     )
 
 
@@ -387,6 +405,20 @@ def set_weights(path: str | os.PathLike, net: nn.Module) -> Path:
     if set(state) != set(stored) or any(state[k].shape != stored[k].shape for k in state):
         raise ValueError(f"set_weights: the network does not match the one stored in {str(path)!r}")
     data["state_dict"] = state
+    return _atomic_save(data, path)
+
+
+def set_detector(path: str | os.PathLike, detector: Any) -> Path:
+    """Store a fitted :class:`~monai_ood.detectors.FusedDetector` in the model checkpoint at ``path``
+    (rewritten atomically; ``None`` removes it, and the prototype head scores again). A stored
+    calibration is dropped with a new detector (it calibrated the previous map): calibrate again.
+
+    Raises:
+        FileNotFoundError, ValueError: if ``path`` is missing or not a monai-ood model checkpoint.
+    """
+    data = _load_dict(path, MODEL_FORMAT)
+    data["detector"] = None if detector is None else detector.to_state()
+    data["calibration"] = None
     return _atomic_save(data, path)
 
 

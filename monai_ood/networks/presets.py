@@ -78,6 +78,19 @@ def _build_segresnet(spatial_dims: int, in_channels: int, out_channels: int, **k
     return SegResNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
 
 
+def _build_swinunetr(spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
+    from monai.networks.nets import SwinUNETR
+
+    kwargs = {"feature_size": 24, **kwargs}
+    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=spatial_dims, **kwargs)
+
+
+def _swinunetr_type() -> type:
+    from monai.networks.nets import SwinUNETR
+
+    return SwinUNETR
+
+
 def _build_deeplabv3(spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
     from .deeplabv3 import DeepLabV3
 
@@ -106,7 +119,11 @@ PRESETS: dict[str, Preset] = {
     "segresnet": Preset(SegResNet, _build_segresnet, _segresnet_last_down),
     # DeepLabV3 is resolved lazily so that importing the presets does not build the ResNet module.
     "deeplabv3": Preset(None, _build_deeplabv3, _deeplabv3_layer),
+    # SwinUNETR: the convolutional encoder blocks on the transformer's hidden states; input sides must
+    # be multiples of 32
+    "swinunetr": Preset(None, _build_swinunetr, lambda net: "encoder10"),
 }
+_LAZY_TYPES = {"deeplabv3": _deeplabv3_type, "swinunetr": _swinunetr_type}
 
 
 def _unet_downs(net: UNet) -> list[str]:
@@ -131,6 +148,8 @@ def encoder_stages(network: nn.Module) -> list[str]:
         return [f"down_layers.{i}" for i in range(len(network.down_layers))]
     if isinstance(network, DeepLabV3):
         return ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
+    if isinstance(network, _swinunetr_type()):
+        return ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"]
     raise ValueError(f"no preset lists the encoder stages of {type(network).__name__}: pass layer names")
 
 
@@ -185,8 +204,8 @@ def feature_layer_for(network: nn.Module) -> str:
     Raises:
         ValueError: for a network type without a preset; pass ``layer=...`` to :class:`PrototypeOODNet`.
     """
-    for preset in PRESETS.values():
-        network_type = preset.network_type or _deeplabv3_type()
+    for key, preset in PRESETS.items():
+        network_type = preset.network_type or _LAZY_TYPES[key]()
         if isinstance(network, network_type):
             return preset.feature_layer(network)
     raise ValueError(
