@@ -169,8 +169,8 @@ def _cmd_fit(args) -> int:
         if output != source:
             if output.exists() and not args.overwrite:
                 raise FileExistsError(f"{str(output)!r} exists: pass --overwrite or another --output")
-            check_writable(output.parent if output.parent != Path("") else Path("."))
             output.parent.mkdir(parents=True, exist_ok=True)
+            check_writable(output.parent)
             output.write_bytes(source.read_bytes())
     else:
         if not args.network:

@@ -250,8 +250,17 @@ class FusedDetector(Detector):
         for chunk in chunks:
             images = torch.from_numpy(np.stack([np.asarray(i["image"], dtype=np.float32) for i in chunk]))
             labels = None
-            if with_labels and all(i.get("label") is not None for i in chunk):
-                labels = torch.from_numpy(np.stack([np.asarray(i["label"]) for i in chunk]).astype(np.int64))
+            if with_labels and any(i.get("label") is not None for i in chunk):
+                # -1 marks an item without a label: its prototypes' labels come from the prediction
+                shape = (1, *np.shape(chunk[0]["image"])[1:])
+                labels = torch.from_numpy(
+                    np.stack(
+                        [
+                            np.full(shape, -1) if i.get("label") is None else np.asarray(i["label"])
+                            for i in chunk
+                        ]
+                    ).astype(np.int64)
+                )
             yield images, labels
 
     def _term_outputs(self, features: Features) -> tuple[torch.Tensor, list[torch.Tensor]]:

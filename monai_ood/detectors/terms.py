@@ -63,7 +63,7 @@ class Features:
         stages: ``{layer name: (B, C_s, *S_s)}`` outputs of the captured layers.
         logits: the segmentation logits ``(B, K, *spatial)`` or ``None`` (encoder-only pass).
         labels: class indices ``(B, 1, *spatial)`` for fitting class prototypes, or ``None`` (then the
-            prediction, ``logits.argmax``, is used).
+            prediction, ``logits.argmax``, is used; so it is for the items of a batch labelled ``-1``).
     """
 
     images: torch.Tensor
@@ -326,11 +326,13 @@ class ClassPrototypeTerm(Term):
         return True
 
     def _labels(self, features: Features) -> torch.Tensor:
-        if features.labels is not None:
-            return features.labels
+        labels = features.labels
+        if labels is not None and bool((labels >= 0).all()):
+            return labels
         if features.logits is None:
             raise ValueError(f"the term {self.name!r} needs labels or the network's logits to fit")
-        return features.logits.argmax(dim=1, keepdim=True)
+        predicted = features.logits.argmax(dim=1, keepdim=True).to(torch.int64)
+        return predicted if labels is None else torch.where(labels >= 0, labels.to(predicted), predicted)
 
     def _begin(self) -> None:
         self._sums = self._squares = self._weights = None

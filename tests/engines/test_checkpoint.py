@@ -90,6 +90,7 @@ def test_model_file_loads_with_weights_only(tmp_path):
         "calibration",
         "class_names",
         "metrics",
+        "detector",
         "monai_ood_version",
     }
     assert set(data["model_config"]) == {

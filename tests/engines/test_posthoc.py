@@ -1,0 +1,170 @@
+"""The default detector in model.pt: fit_detector stores it, calibrate and score_slices use it."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from monai_ood.calibration import WeibullCalibrator
+from monai_ood.detectors import FusedDetector
+from monai_ood.engines.calibration import calibrate
+from monai_ood.engines.checkpoint import (
+    build_network,
+    load_model,
+    make_model_config,
+    save_model,
+)
+from monai_ood.engines.posthoc import fit_detector
+from monai_ood.inference import score_slices
+from monai_ood.preprocessing import SlicePreprocessing
+
+NETWORK_KWARGS = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}
+UNET_STAGES = ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule"]
+
+
+def _items(count, seed, shape=(1, 32, 32)):
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(count):
+        image = rng.random(shape, dtype=np.float32)
+        label = rng.integers(0, 3, (1, *shape[1:])).astype(np.int64)
+        items.append({"image": image, "label": label})
+    return items
+
+
+def _save_tiny_model(path, calibration=None):
+    config = make_model_config("unet", 2, 1, 3, 4, NETWORK_KWARGS)
+    torch.manual_seed(0)
+    net = build_network(config)
+    with torch.no_grad():  # weights unlike a fresh initialisation
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(path, net, config, SlicePreprocessing(size=(32, 32)), calibration=calibration)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A model.pt with a previously stored calibration, then fit_detector on it."""
+    path = tmp_path_factory.mktemp("posthoc") / "model.pt"
+    old_calibration = WeibullCalibrator().fit(stats.weibull_min.rvs(1.5, scale=4.0, size=500, random_state=0))
+    weights = _save_tiny_model(path, calibration=old_calibration)
+    assert load_model(path, device="cpu").calibrator is not None  # there is one to drop
+    train, val = _items(5, seed=1), _items(4, seed=2)
+    detector = fit_detector(path, train, val, device="cpu")
+    calibrator_after_fit = load_model(path, device="cpu").calibrator
+    return path, detector, weights, train, val, calibrator_after_fit
+
+
+def test_fit_detector_stores_the_fitted_detector(fitted):
+    path, detector, weights = fitted[:3]
+    loaded = load_model(path, device="cpu")
+    assert isinstance(loaded.detector, FusedDetector)
+    assert loaded.detector.layers == UNET_STAGES  # the registry's encoder stages of the UNet
+    assert loaded.detector.term_names == detector.term_names
+    assert loaded.detector.fusion_ == detector.fusion_
+    x = torch.from_numpy(np.stack([item["image"] for item in _items(3, seed=7)]))
+    stored, in_memory = loaded.detector(x), detector(x)
+    torch.testing.assert_close(stored.image_score, in_memory.image_score, rtol=0, atol=0)
+    torch.testing.assert_close(stored.score_map, in_memory.score_map, rtol=0, atol=0)
+    assert stored.score_map.shape == (3, 1, 32, 32)
+    assert torch.isfinite(stored.image_score).all()
+    assert len(set(stored.image_score.tolist())) == 3  # a score per image, not a constant
+    # fitting reads the network, it does not change it
+    state = loaded.net.state_dict()
+    assert set(state) == set(weights)
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
+
+
+def test_fit_detector_drops_the_stored_calibration(fitted):
+    assert fitted[5] is None  # set_detector dropped it: it calibrated the previous map
+
+
+def test_fit_detector_passes_layers_and_fusion(tmp_path):
+    path = tmp_path / "model.pt"
+    _save_tiny_model(path)
+    detector = fit_detector(
+        path, _items(4, seed=1), _items(3, seed=2), layers=["model.0"], fusion="hazard", device="cpu"
+    )
+    loaded = load_model(path, device="cpu")
+    assert detector.layers == loaded.detector.layers == ["model.0"]
+    assert detector.fusion_ == loaded.detector.fusion_ == "hazard"
+
+
+@pytest.mark.parametrize(
+    "which,shape,message",
+    [
+        ("train", (2, 32, 32), "train_items are 2D with 2 channel"),
+        ("val", (2, 32, 32), "val_items are 2D with 2 channel"),
+        ("train", (1, 16, 16, 16), "train_items are 3D with 1 channel"),
+    ],
+)
+def test_fit_detector_rejects_items_that_do_not_fit_the_model(tmp_path, which, shape, message):
+    path = tmp_path / "model.pt"
+    _save_tiny_model(path)
+    before = path.read_bytes()
+    good = _items(3, seed=1)
+    bad = [{"image": np.random.default_rng(0).random(shape, dtype=np.float32)} for _ in range(3)]
+    train, val = (bad, good) if which == "train" else (good, bad)
+    with pytest.raises(ValueError, match=message) as info:
+        fit_detector(path, train, val, device="cpu")
+    assert "model.pt" in str(info.value)  # names the checkpoint too
+    assert path.read_bytes() == before  # nothing stored
+
+
+def test_calibrate_fits_the_detectors_fused_map(fitted, tmp_path):
+    path, val = tmp_path / "model.pt", fitted[4]
+    path.write_bytes(fitted[0].read_bytes())  # a copy: the other tests read the uncalibrated file
+    calibrator = calibrate(path, val, batch_size=3, device="cpu")
+    detector = load_model(path, device="cpu").detector
+    images = torch.from_numpy(np.stack([item["image"] for item in val]))
+    maps = detector.segment_and_score(images)[2]  # the fused map on its own grid
+    reference = WeibullCalibrator().fit(maps.double().numpy().ravel())
+    assert calibrator.num_samples == maps.numel()
+    assert calibrator.shape == pytest.approx(reference.shape, rel=1e-6)
+    assert calibrator.scale == pytest.approx(reference.scale, rel=1e-6)
+    stored = load_model(path, device="cpu").calibrator
+    assert (stored.shape, stored.scale) == (calibrator.shape, calibrator.scale)
+    # the head's map would give another fit: the comparison above tells the two apart
+    with torch.no_grad():
+        head = WeibullCalibrator().fit(
+            load_model(path, device="cpu").net.ood(images).score_map.numpy().ravel()
+        )
+    assert head.scale != pytest.approx(reference.scale, rel=1e-3)
+
+
+def test_score_slices_uses_the_detector(fitted):
+    path, val = fitted[0], fitted[4]
+    loaded = load_model(path, device="cpu")
+    detector = loaded.detector
+    calibrator = WeibullCalibrator().fit(
+        detector.segment_and_score(torch.from_numpy(np.stack([i["image"] for i in val])))[2].numpy().ravel()
+    )
+    slices = np.stack([item["image"] for item in _items(5, seed=9)])
+    out = score_slices(loaded.net, slices, calibrator, batch_size=2, detector=detector)
+    x = torch.from_numpy(slices)
+    reference = detector(x)
+    np.testing.assert_allclose(out["image_score"], reference.image_score.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["score_map"], reference.score_map[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        expected_segmentation = loaded.net(x).argmax(1).numpy()
+    np.testing.assert_array_equal(out["segmentation"], expected_segmentation)
+    low = detector.segment_and_score(x)[2]
+    np.testing.assert_allclose(
+        out["calibrated_degree"], calibrator.transform(low).flatten(1).mean(1).numpy(), rtol=1e-5, atol=1e-6
+    )
+    # without the detector, the head scores (and the two differ, so the check above means something)
+    head = score_slices(loaded.net, slices, None, batch_size=2)
+    with torch.no_grad():
+        head_scores = loaded.net.forward_with_ood(x)[1].image_score.numpy()
+    np.testing.assert_allclose(head["image_score"], head_scores, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(head["image_score"], out["image_score"])
+
+
+def test_checkpoint_with_detector_loads_with_weights_only(fitted):
+    path = fitted[0]
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    assert data["detector"]["format"] == "monai-ood-detector"
+    rebuilt = FusedDetector.from_state(load_model(path, device="cpu").net, data["detector"])
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rebuilt(x).image_score, fitted[1](x).image_score, rtol=0, atol=0)
