@@ -519,6 +519,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Training step cost / plain step (same run, first seed):", ""]
     ratios = runs[0]["facts"]["training_step_ratio_to_plain"]
     lines += ["| model | ratio |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    lines += ablation_markdown(report)
     if report.get("plots"):
         lines += [
             "",
@@ -526,6 +527,144 @@ def markdown(report: dict) -> str:
             + ", ".join(f"[{Path(p).name}](plots/{Path(p).name})" for p in report["plots"]),
         ]
     return "\n".join(lines) + "\n"
+
+
+DEFAULT = "default (fused)"
+
+
+def _seed_mean(values) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _goal(measured, target, met: bool | None, **extra) -> dict:
+    return {"measured": measured, "target": target, "met": None if measured is None else bool(met), **extra}
+
+
+def goals(report: dict) -> dict:
+    """The goals of the default detector (issue "A default detector that detects"), each with its value
+    measured here (mean over seeds), its target and whether it is met."""
+    runs = [report["runs"][str(s)] for s in report["seeds"]]
+    if not all(DEFAULT in run["methods"] for run in runs):
+        return {}
+    rows = [run["methods"][DEFAULT] for run in runs]
+    baselines = [m for m in runs[0]["methods"] if m != DEFAULT]
+
+    def mean_of(method, getter):
+        return _seed_mean([getter(run["methods"][method]) for run in runs])
+
+    out: dict = {}
+    getters = {
+        f"AUROC {c}": (lambda c: lambda r: _get(r, "categories", c, "auroc"))(c)
+        for c in sorted(rows[0]["categories"])
+    }
+    getters["AURC"] = lambda r: _get(r, "failure", "aurc")
+    getters["severity rho"] = lambda r: float(np.mean(list(r["severity_spearman"].values())))
+    for name, getter in getters.items():
+        lower = name == "AURC"
+        ours = mean_of(DEFAULT, getter)
+        values = {m: mean_of(m, getter) for m in baselines}
+        values = {m: v for m, v in values.items() if v is not None}
+        best = (min if lower else max)(values, key=values.get)
+        met = ours <= values[best] if lower else ours >= values[best]
+        out[f"{name} >= every baseline" if not lower else "AURC <= every baseline"] = _goal(
+            ours, values[best], met, best_baseline=best
+        )
+
+    def set_mean(predicate):
+        return _seed_mean(
+            [float(np.mean([v["auroc"] for k, v in r["sets"].items() if predicate(k, v)])) for r in rows]
+        )
+
+    for category, target in (("C1", 0.995), ("C2", 0.95)):
+        value = mean_of(DEFAULT, lambda r, c=category: _get(r, "categories", c, "auroc"))
+        out[f"AUROC {category}"] = _goal(value, target, value is not None and value >= target)
+    for severity, target in (("3", 0.99), ("2", 0.95)):
+        value = set_mean(lambda k, v, s=severity: k.endswith(f"severity {s}"))
+        out[f"AUROC C3 artefacts severity {severity}"] = _goal(value, target, value >= target)
+    for name in ("t2_2009c", "b0_dwi"):
+        value = _seed_mean([_get(r, "sets", name, "auroc") for r in rows])
+        out[f"AUROC {name}"] = _goal(value, 0.99, value is not None and value >= 0.99)
+    value = _seed_mean([r["mean"]["fpr95"] for r in rows])
+    out["mean FPR@95TPR"] = _goal(value, 0.15, value <= 0.15)
+    per_artefact = {
+        a: _seed_mean([r["severity_spearman"][a] for r in rows]) for a in rows[0]["severity_spearman"]
+    }
+    worst = min(per_artefact, key=per_artefact.get)
+    out["severity rho, every artefact"] = _goal(
+        per_artefact[worst], 0.9, per_artefact[worst] >= 0.9, worst=worst, per_artefact=per_artefact
+    )
+    value = _seed_mean([_get(r, "localisation", "pixel_auroc") for r in rows])
+    out["pixel AUROC on the lesion set"] = _goal(value, 0.90, value is not None and value >= 0.90)
+    with_head = _seed_mean([run["facts"]["dice"]["with paper head"]["mean"] for run in runs])
+    plain = _seed_mean([run["facts"]["dice"]["plain"]["mean"] for run in runs])
+    out["Dice with the detector >= plain - 0.005"] = _goal(
+        with_head - plain, -0.005, with_head - plain >= -0.005, dice_with_detector=with_head, dice_plain=plain
+    )
+    value = _seed_mean([r["time_ratio_to_plain_forward"] for r in rows])
+    out["inference time / plain forward"] = _goal(value, 1.05, value <= 1.05)
+    value = _seed_mean([run["facts"]["training"].get("fused head post-hoc seconds") for run in runs])
+    out["post-hoc fit of every term on the pool (s)"] = _goal(
+        value, 60.0, value is not None and value <= 60.0
+    )
+    return out
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def ablation_markdown(report: dict) -> list[str]:
+    runs = [report["runs"][str(s)] for s in report["seeds"]]
+    if not all("ablation" in run for run in runs):
+        return []
+    first = runs[0]
+    categories = sorted(first["methods"][DEFAULT]["categories"])
+    lines = [
+        "",
+        "## The default detector",
+        "",
+        "Terms: " + ", ".join(f"`{t}`" for t in first["default_detector"]["terms"]) + ".",
+        "",
+        "Fusion rule chosen on outliers synthesised from the validation split (mean AUROC over the ops), per seed: "
+        + "; ".join(
+            f"seed {s}: **{run['default_detector']['selection']['rule']}** ("
+            + ", ".join(f"{k} {v:.3f}" for k, v in run["default_detector"]["selection"]["mean_auroc"].items())
+            + ")"
+            for s, run in zip(report["seeds"], runs, strict=True)
+        )
+        + ".",
+        "",
+        "Ablation (every variant from the same fitted detector of each seed, except the last two, fitted "
+        "again; maps of the variants without prototype terms are none):",
+        "",
+        "| variant | "
+        + " | ".join(f"AUROC {c}" for c in categories)
+        + " | mean AUROC | AURC | severity ρ | pixel AUROC | warped vs clean |",
+        "|---" * (len(categories) + 6) + "|",
+    ]
+    variants = [DEFAULT, *first["ablation"]]
+    for variant in variants:
+        rows = [run["methods"][DEFAULT] if variant == DEFAULT else run["ablation"][variant] for run in runs]
+        cells = [_mean_std([_get(r, "categories", c, "auroc") for r in rows]) for c in categories]
+        cells += [
+            _mean_std([r["mean"].get("auroc") for r in rows]),
+            _mean_std([_get(r, "failure", "aurc") for r in rows]),
+            _mean_std([np.mean(list(r["severity_spearman"].values())) for r in rows]),
+            _mean_std([_get(r, "localisation", "pixel_auroc") for r in rows]),
+            _mean_std([_get(r, "ind", "warped_vs_clean_auroc") for r in rows]),
+        ]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    report_goals = report.get("goals") or goals(report)
+    if report_goals:
+        lines += ["", "## Goals (mean over seeds; `goals` in results.json)", ""]
+        lines += ["| goal | measured | target | met |", "|---|---|---|---|"]
+        for name, goal in report_goals.items():
+            extra = f" ({goal['best_baseline']})" if "best_baseline" in goal else ""
+            extra = f" ({goal['worst']})" if "worst" in goal else extra
+            met = {True: "yes", False: "**no**", None: "–"}[goal["met"]]
+            lines.append(f"| {name} | {_fmt(goal['measured'])} | {_fmt(goal['target'])}{extra} | {met} |")
+    return lines
 
 
 def _artefact_vs_clean(row: dict, name: str) -> float | None:
@@ -548,7 +687,7 @@ def add_warp_sensitivity(report: dict) -> None:
     from monai_ood.benchmark.harness import warp_sensitivity
 
     for run in report["runs"].values():
-        for row in run["methods"].values():
+        for row in [*run["methods"].values(), *run.get("ablation", {}).values()]:
             if row["ind"].get("warped_vs_clean_auroc") is None:
                 n = len(row["scores"]["ind"])
                 row["ind"]["warped_vs_clean_auroc"] = warp_sensitivity(
@@ -607,6 +746,7 @@ def main(argv=None) -> int:
     if args.rewrite:
         report = json.loads((output / "results.json").read_text(encoding="utf-8"))
         add_warp_sensitivity(report)
+        report["goals"] = goals(report)
         atomic_write_text(output / "results.json", json.dumps(report, indent=1), overwrite=True)
         atomic_write_text(output / "results.md", markdown(report), overwrite=True)
         print(f"rewrote {output / 'results.md'}")
@@ -643,7 +783,9 @@ def main(argv=None) -> int:
                 parser.error(f"--methods: {path} was made with other settings")
             done = saved.get("commands", [])[1:]
             if command in done and not args.overwrite:
-                print(f"== seed {seed}: {path} already has {args.methods} from this command; kept", flush=True)
+                print(
+                    f"== seed {seed}: {path} already has {args.methods} from this command; kept", flush=True
+                )
                 report["runs"][str(seed)] = saved["run"]
                 continue
             print(f"== seed {seed}: running {args.methods} again, merged into {path}", flush=True)
@@ -674,6 +816,8 @@ def main(argv=None) -> int:
     report["wall_minutes"] = sum(r["seconds"] for r in report["runs"].values()) / 60.0
     report["this_invocation_minutes"] = (time.perf_counter() - start) / 60.0
     report["plots"] = [str(Path(p).relative_to(output)) for p in write_plots(report, output / "plots")]
+    add_warp_sensitivity(report)
+    report["goals"] = goals(report)
     atomic_write_text(output / "results.json", json.dumps(report, indent=1), overwrite=True)
     atomic_write_text(output / "results.md", markdown(report), overwrite=True)
     print(markdown(report))

@@ -103,12 +103,14 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
     even on error, so that a detector never changes the state of the network it was given."""
     saved = [(sub, sub.training) for module in modules for sub in module.modules()]
     try:
-        for module in modules:
-            module.eval()
+        for sub, training in saved:  # only flags that change are set: an eval-mode network costs nothing
+            if training:
+                sub.training = False
         yield
     finally:
         for sub, training in saved:
-            sub.training = training
+            if sub.training != training:
+                sub.training = training
 
 
 def segmentation_logits(network: nn.Module, images: torch.Tensor) -> torch.Tensor:

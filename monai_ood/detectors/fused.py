@@ -12,6 +12,7 @@ reads the bottleneck only.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..networks.capture import capture_features
 from ..networks.presets import encoder_stages
-from ..networks.prototype_net import PrototypeOODNet
+from ..networks.prototype_net import PrototypeOODNet, named_module
 from .base import Detector, DetectorOutput, NotFittedError, eval_mode, module_device, to_input_size
 from .terms import (
     ClassPrototypeTerm,
@@ -114,6 +115,10 @@ def fuse_scores(
     raise ValueError(f"fusion rule must be one of {FUSIONS}, got {rule!r}")
 
 
+def _candidate_name(families: Sequence[str], rule: str) -> str:
+    return f"{'+'.join(families)} / {rule}"
+
+
 def _auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -136,11 +141,16 @@ class FusedDetector(Detector):
       standard deviation (``loc_``, ``scale_``) and a Weibull fit (``weibull_``) of its scores; per map
       term the median of its map (``map_scale_``).
     * **Fusion** (:func:`fuse_scores`): ``"sum"`` of standardised scores, their ``"max"``, or the
-      ``"hazard"`` sum. ``fusion="auto"`` chooses on validation data only: for every op of
-      ``selection_ops`` (:class:`~monai_ood.transforms.OutlierSynthesis`, applied to the validation
-      images) the AUROC of the op's outliers against the validation images, averaged over the ops; the
-      rule with the highest mean wins (ties: the order of :data:`FUSIONS`). ``selection_`` keeps the
-      table. No test OOD set is ever used.
+      ``"hazard"`` sum, over the terms that enter the image score (``score_mask_``; the map always comes
+      from every map term). ``fusion="auto"`` chooses the rule **and** which term families (statistics,
+      prototypes, intensity: every non-empty combination) enter the score, on validation data only: for
+      every op of ``selection_ops`` (:class:`~monai_ood.transforms.OutlierSynthesis`, applied to the
+      validation images and their warped copies) the AUROC of the op's outliers against those images,
+      averaged over the ops (InD and outliers alike include the warped copies, so telling warped from
+      un-warped images gains nothing); the candidate with the highest mean wins (ties: more families,
+      then the order of :data:`FUSIONS`). ``selection_`` keeps the table and a leave-one-op-out
+      estimate (each op's AUROC under the candidate chosen on the other ops). No test OOD set is ever
+      used.
     * **Map**: the mean of the map terms' maps, each divided by its validation median and brought to the
       finest map grid (linear interpolation); about 1 on typical InD tissue. :meth:`predict` returns it at
       the input size.
@@ -214,7 +224,9 @@ class FusedDetector(Detector):
         self.fusion_: str | None = None if fusion == "auto" else fusion
         self.loc_ = self.scale_ = self.weibull_ = self.map_scale_ = None
         self.selection_: dict[str, Any] | None = None
+        self.score_mask_: torch.Tensor | None = None
         self.num_train_: int | None = None
+        self._modules: tuple[list[str], list[nn.Module]] | None = None
 
     # -- passes -----------------------------------------------------------------------------------------
     @property
@@ -230,8 +242,11 @@ class FusedDetector(Detector):
         """One whole pass of the network (eval mode, no gradients): logits and every term's layers."""
         device = module_device(self.network, images.device)
         images = images.to(device)
+        layers = self.layers
+        if self._modules is None or self._modules[0] != layers:
+            self._modules = (layers, [named_module(self.network, name) for name in layers])
         with eval_mode(self.network), torch.no_grad():
-            logits, stages = capture_features(self.network, self.layers, images, run_to_end=True)
+            logits, stages = capture_features(self.network, layers, images, True, self._modules[1])
         if logits is not None:
             logits = logits.float()
         return Features(images, stages, logits, None if labels is None else labels.to(device))
@@ -341,18 +356,28 @@ class FusedDetector(Detector):
         self.loc_, self.scale_ = torch.from_numpy(loc), torch.from_numpy(scale)
         self.weibull_ = torch.tensor(weibull, dtype=torch.float64)
         self.map_scale_ = torch.tensor([max(float(np.median(m)), 1e-12) for m in maps], dtype=torch.float64)
-        self._select(list(val_items), raw)
+        self._select(val, raw)
 
     def _select(self, val_items: list[dict], val_raw: np.ndarray) -> None:
-        """Choose the fusion rule on outliers synthesised from the validation images (see the class)."""
+        """Choose which term families enter the image score and the fusion rule, on outliers synthesised
+        from the validation images (see the class)."""
         from ..transforms.outlier_synthesis import OutlierSynthesis
 
+        self.score_mask_ = torch.ones(len(self.terms), dtype=torch.bool)
         if self.fusion != "auto":
             self.fusion_ = self.fusion
             self.selection_ = {"rule": self.fusion, "chosen_by": "given"}
             return
+        kinds = list(dict.fromkeys(term.kind for term in self.terms))
+        families = [
+            combo
+            for size in range(len(kinds), 0, -1)
+            for combo in itertools.combinations(kinds, size)  # all families first: ties keep the most
+        ]
+        candidates = [(combo, rule) for combo in families for rule in FUSIONS]
+        masks = {combo: torch.tensor([t.kind in combo for t in self.terms]) for combo in families}
         raw_val = torch.from_numpy(val_raw)
-        table: dict[str, dict[str, float]] = {rule: {} for rule in FUSIONS}
+        table: dict[str, dict[str, float]] = {}
         for k, op in enumerate(self.selection_ops):
             synth = OutlierSynthesis(ops=(op,), prob=1.0)
             synth.set_random_state(self.seed + 1000 + k)
@@ -361,23 +386,54 @@ class FusedDetector(Detector):
                 for i in val_items
             ]
             raw_op = torch.from_numpy(self._raw_scores(outliers)[0])
-            for rule in FUSIONS:
-                inl = fuse_scores(raw_val, rule, self.loc_, self.scale_, self.weibull_).numpy()
-                out = fuse_scores(raw_op, rule, self.loc_, self.scale_, self.weibull_).numpy()
-                table[rule][op] = _auroc(inl, out)
-        means = {rule: float(np.mean(list(row.values()))) for rule, row in table.items()}
-        best = max(FUSIONS, key=lambda rule: (round(means[rule], 6), -FUSIONS.index(rule)))
-        self.fusion_ = best
+            for combo, rule in candidates:
+                inl, out = (self._fuse_masked(r, rule, masks[combo]).numpy() for r in (raw_val, raw_op))
+                table.setdefault(_candidate_name(combo, rule), {})[op] = _auroc(inl, out)
+        names = [_candidate_name(combo, rule) for combo, rule in candidates]
+        means = {name: float(np.mean(list(table[name].values()))) for name in names}
+
+        def best_of(ops) -> int:
+            return max(
+                range(len(names)), key=lambda c: (round(np.mean([table[names[c]][o] for o in ops]), 6), -c)
+            )
+
+        chosen = best_of(self.selection_ops)
+        held_out = {}  # leave-one-op-out: choose on the other ops, measure on the one left out
+        for op in self.selection_ops:
+            others = [o for o in self.selection_ops if o != op]
+            if others:
+                c = best_of(others)
+                held_out[op] = {"chosen": names[c], "auroc": table[names[c]][op]}
+        combo, rule = candidates[chosen]
+        self.fusion_, self.score_mask_ = rule, masks[combo].clone()
         self.selection_ = {
-            "rule": best,
-            "chosen_by": "mean AUROC over outlier ops synthesised from the validation images",
+            "rule": rule,
+            "score_terms": list(combo),
+            "chosen": names[chosen],
+            "chosen_by": "mean AUROC over outlier ops synthesised from the validation images "
+            "(and their warped copies)",
             "mean_auroc": means,
             "auroc_per_op": table,
+            "leave_one_op_out": held_out,
+            "leave_one_op_out_auroc": float(np.mean([v["auroc"] for v in held_out.values()]))
+            if held_out
+            else None,
         }
+
+    def _fuse_masked(self, raw: torch.Tensor, rule: str, mask: torch.Tensor) -> torch.Tensor:
+        device = raw.device
+        mask = mask.to(device)
+        return fuse_scores(
+            raw[:, mask],
+            rule,
+            self.loc_.to(device)[mask],
+            self.scale_.to(device)[mask],
+            self.weibull_.to(device)[mask],
+        )
 
     # -- scoring ----------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
-        if self.terms is None or self.loc_ is None or self.fusion_ is None:
+        if self.terms is None or self.loc_ is None or self.fusion_ is None or self.score_mask_ is None:
             raise NotFittedError("FusedDetector must be fitted first: call .fit(train_items, val_items)")
 
     def term_scores(self, images: torch.Tensor) -> torch.Tensor:
@@ -386,12 +442,10 @@ class FusedDetector(Detector):
         return self._term_outputs(self.features(images))[0]
 
     def fuse(self, raw: torch.Tensor, rule: str | None = None) -> torch.Tensor:
-        """Fused scores ``(B,)`` of raw term scores ``(B, T)`` by ``rule`` (default: the fitted one)."""
+        """Fused scores ``(B,)`` of raw term scores ``(B, T)`` by ``rule`` (default: the fitted one), over
+        the terms that enter the image score (``score_mask_``)."""
         self._check_fitted()
-        device = raw.device
-        return fuse_scores(
-            raw, rule or self.fusion_, self.loc_.to(device), self.scale_.to(device), self.weibull_.to(device)
-        )
+        return self._fuse_masked(raw, rule or self.fusion_, self.score_mask_)
 
     @torch.no_grad()
     def segment_and_score(self, images: torch.Tensor):
@@ -433,6 +487,7 @@ class FusedDetector(Detector):
             seed=self.seed,
         )
         sub.fusion_ = rule or self.fusion_
+        sub.score_mask_ = torch.ones(len(columns), dtype=torch.bool)
         sub.loc_, sub.scale_ = self.loc_[columns], self.scale_[columns]
         sub.weibull_ = self.weibull_[columns]
         sub.map_scale_ = self.map_scale_[[maps.index(i) for i in columns if i in maps]]
@@ -460,6 +515,7 @@ class FusedDetector(Detector):
             },
             "terms": [{"kind": t.kind, "config": t.config(), "state": t.state()} for t in self.terms],
             "fusion_rule": self.fusion_,
+            "score_mask": self.score_mask_.clone(),
             "loc": self.loc_.clone(),
             "scale": self.scale_.clone(),
             "weibull": self.weibull_.clone(),
@@ -490,6 +546,10 @@ class FusedDetector(Detector):
         if unknown:
             raise ValueError(f"the stored detector reads layers {unknown} that the network does not have")
         detector.fusion_ = state["fusion_rule"]
+        mask = state.get("score_mask")
+        detector.score_mask_ = torch.ones(len(terms), dtype=torch.bool) if mask is None else mask.bool()
+        if len(detector.score_mask_) != len(terms) or not detector.score_mask_.any():
+            raise ValueError("the stored detector's score mask does not match its terms")
         detector.loc_, detector.scale_ = state["loc"].double(), state["scale"].double()
         detector.weibull_, detector.map_scale_ = state["weibull"].double(), state["map_scale"].double()
         detector.selection_ = state.get("selection")

@@ -171,10 +171,12 @@ class Term:
 
 def channel_statistics(features: torch.Tensor, statistics: Sequence[str] = STATISTICS) -> torch.Tensor:
     """``(B, C, *S)`` to ``(B, len(statistics) * C)`` float64: per channel the spatial ``mean`` and the
-    population standard deviation ``std`` (``correction=0``), concatenated in the order given."""
-    flat = features.detach().double().flatten(2)
-    parts = {"mean": lambda: flat.mean(dim=2), "std": lambda: flat.std(dim=2, correction=0)}
-    return torch.cat([parts[s]() for s in statistics], dim=1)
+    population standard deviation ``std`` (``correction=0``), concatenated in the order given (computed
+    in the features' dtype, returned as float64)."""
+    # one pass in the features' own precision (float32 for a float32 network), then float64
+    std, mean = torch.std_mean(features.detach().flatten(2), dim=2, correction=0)
+    parts = {"mean": mean, "std": std}
+    return torch.cat([parts[s].double() for s in statistics], dim=1)
 
 
 def area_fractions(labels: torch.Tensor, num_classes: int, size: Sequence[int]) -> torch.Tensor:
@@ -367,11 +369,12 @@ class ClassPrototypeTerm(Term):
         self._sums = self._squares = self._weights = None
 
     def class_distances(self, features: Features) -> torch.Tensor:
-        """``(B, K, *S)`` float64 distances of every cell to every class prototype (absent classes:
-        ``inf``)."""
-        f = features.stage(self.layer).detach().double()
-        v = f.flatten(2)  # (B, C, N)
-        mean, inv = self.means_.to(f.device), 1.0 / self.variances_.to(f.device)  # (K, C)
+        """``(B, K, *S)`` distances of every cell to every class prototype (absent classes: ``inf``), in
+        the features' precision."""
+        f = features.stage(self.layer).detach()
+        v = f.flatten(2)  # (B, C, N), in the features' precision (float32: the map's cost stays small)
+        mean = self.means_.to(f.device, v.dtype)  # (K, C)
+        inv = (1.0 / self.variances_).to(f.device, v.dtype)
         # sum_c (v - mu)^2 / var, expanded into three matrix products (no (B, K, C, N) intermediate)
         z2 = (
             torch.einsum("bcn,kc->bkn", v * v, inv)
@@ -386,7 +389,7 @@ class ClassPrototypeTerm(Term):
 
     def _predict(self, features: Features) -> TermOutput:
         score_map = self.class_distances(features).min(dim=1, keepdim=True).values
-        return TermOutput(score_map.flatten(1).mean(dim=1), score_map)
+        return TermOutput(score_map.flatten(1).double().mean(dim=1), score_map)
 
     def config(self) -> dict[str, Any]:
         return {"layer": self.layer, "num_classes": self.num_classes, "min_variance": self.min_variance}

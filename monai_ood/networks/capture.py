@@ -23,7 +23,11 @@ class _AllCaptured(Exception):
 
 
 def capture_features(
-    network: nn.Module, layers: Sequence[str], images: torch.Tensor, run_to_end: bool = True
+    network: nn.Module,
+    layers: Sequence[str],
+    images: torch.Tensor,
+    run_to_end: bool = True,
+    modules: Sequence[nn.Module] | None = None,
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """One forward pass of ``network`` on ``images``, recording the output of every layer in ``layers``.
 
@@ -33,6 +37,8 @@ def capture_features(
         images: the input batch, passed as is (move it to the network's device first).
         run_to_end: ``True`` runs the whole network and returns its output; ``False`` stops after the
             last requested layer has run and returns ``None`` as output.
+        modules: the modules named by ``layers`` (distinct names, in order), when the caller has already
+            looked them up (saves a walk over the network per call).
 
     Returns:
         ``(output, {layer: tensor})``: the network's output (its first tensor for a tuple/list output,
@@ -43,7 +49,10 @@ def capture_features(
         RuntimeError: if a requested layer was not called during the forward pass.
     """
     layers = list(dict.fromkeys(layers))
-    modules = [named_module(network, name) for name in layers]
+    if modules is None:
+        modules = [named_module(network, name) for name in layers]
+    elif len(modules) != len(layers):
+        raise ValueError(f"modules must match the {len(layers)} distinct layers, got {len(modules)}")
     captured: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):

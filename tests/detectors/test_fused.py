@@ -5,6 +5,7 @@ trips, subsets, and the network's training flags."""
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -356,14 +357,48 @@ def test_unknown_network_needs_layers(data, images):
 
 # -- fusion choice --------------------------------------------------------------------------------------
 def test_auto_fusion_chooses_the_best_mean(auto_detector):
+    """Candidates: every non-empty combination of term families x every rule; the best mean wins, ties
+    to more families, then FUSIONS order; the leave-one-op-out estimate is recomputed from the table."""
     selection = auto_detector.selection_
     means, table = selection["mean_auroc"], selection["auroc_per_op"]
-    assert set(means) == set(FUSIONS) == set(table)
-    for rule in FUSIONS:
-        assert list(table[rule]) == list(auto_detector.selection_ops)
-        assert means[rule] == pytest.approx(np.mean(list(table[rule].values())), abs=1e-12)
+    kinds = list(dict.fromkeys(t.kind for t in auto_detector.terms))
+    combos = [c for n in range(len(kinds), 0, -1) for c in itertools.combinations(kinds, n)]
+    names = [f"{'+'.join(c)} / {r}" for c in combos for r in FUSIONS]
+    assert list(means) == names and set(table) == set(names)
+    for name in names:
+        assert list(table[name]) == list(auto_detector.selection_ops)
+        assert means[name] == pytest.approx(np.mean(list(table[name].values())), abs=1e-12)
     best = max(means.values())
-    assert auto_detector.fusion_ == selection["rule"] == next(r for r in FUSIONS if means[r] >= best - 1e-6)
+    chosen = next(n for n in names if means[n] >= best - 1e-6)
+    assert selection["chosen"] == chosen
+    families, rule = chosen.split(" / ")
+    assert auto_detector.fusion_ == selection["rule"] == rule
+    expected_mask = [t.kind in families.split("+") for t in auto_detector.terms]
+    assert auto_detector.score_mask_.tolist() == expected_mask
+    held = []
+    for op in auto_detector.selection_ops:
+        others = [o for o in auto_detector.selection_ops if o != op]
+        scores = [np.mean([table[n][o] for o in others]) for n in names]
+        pick = names[next(i for i, v in enumerate(scores) if v >= max(scores) - 1e-6)]
+        held.append(table[pick][op])
+    assert selection["leave_one_op_out_auroc"] == pytest.approx(np.mean(held), abs=1e-9)
+
+
+def test_fused_score_uses_only_the_chosen_terms(auto_detector, images):
+    raw = auto_detector.term_scores(images)
+    mask = auto_detector.score_mask_
+    z = (raw[:, mask] - auto_detector.loc_[mask]) / auto_detector.scale_[mask]
+    rule = auto_detector.fusion_
+    if rule == "sum":
+        expected = z.sum(dim=1)
+    elif rule == "max":
+        expected = z.max(dim=1).values
+    else:
+        k, lam = auto_detector.weibull_[mask, 0], auto_detector.weibull_[mask, 1]
+        expected = torch.log(((raw[:, mask] / lam) ** k).sum(dim=1))
+    torch.testing.assert_close(
+        auto_detector.predict(images).image_score, expected.float(), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("op", ["rotate180", "gamma", "local_noise"])
@@ -372,13 +407,21 @@ def test_auto_fusion_table_matches_sklearn(auto_detector, data, op):
     k = auto_detector.selection_ops.index(op)
     synth = OutlierSynthesis(ops=(op,), prob=1.0)
     synth.set_random_state(auto_detector.seed + 1000 + k)
-    outliers = torch.stack([torch.as_tensor(np.asarray(synth(i["image"]), dtype=np.float32)) for i in val])
-    raw_in = auto_detector.term_scores(validation_images(auto_detector, val))
+    # outliers are made from the validation items and their warped copies, as the InD side
+    images = validation_images(auto_detector, val).numpy()
+    outliers = torch.stack([torch.as_tensor(np.asarray(synth(i), dtype=np.float32)) for i in images])
+    raw_in = auto_detector.term_scores(torch.from_numpy(images))
     raw_out = auto_detector.term_scores(outliers)
     y = np.r_[np.zeros(len(raw_in)), np.ones(len(raw_out))]
-    for rule in FUSIONS:
-        scores = np.r_[auto_detector.fuse(raw_in, rule).numpy(), auto_detector.fuse(raw_out, rule).numpy()]
-        assert auto_detector.selection_["auroc_per_op"][rule][op] == pytest.approx(roc_auc_score(y, scores))
+    for name, row in auto_detector.selection_["auroc_per_op"].items():
+        families, rule = name.split(" / ")
+        keep = [n for n in auto_detector.term_names if n.split(":")[0] in families.split("+")]
+        sub = auto_detector.subset(keep, rule)
+        scores = np.r_[
+            sub.fuse(raw_in[:, [auto_detector.term_names.index(n) for n in keep]]).numpy(),
+            sub.fuse(raw_out[:, [auto_detector.term_names.index(n) for n in keep]]).numpy(),
+        ]
+        assert row[op] == pytest.approx(roc_auc_score(y, scores))
 
 
 def test_given_fusion(data):
