@@ -554,10 +554,11 @@ def goals(report: dict) -> dict:
         return _seed_mean([getter(run["methods"][method]) for run in runs])
 
     out: dict = {}
-    getters = {
-        f"AUROC {c}": (lambda c: lambda r: _get(r, "categories", c, "auroc"))(c)
-        for c in sorted(rows[0]["categories"])
-    }
+
+    def category_auroc(category):
+        return lambda r: _get(r, "categories", category, "auroc")
+
+    getters = {f"AUROC {c}": category_auroc(c) for c in sorted(rows[0]["categories"])}
     getters["AURC"] = lambda r: _get(r, "failure", "aurc")
     getters["severity rho"] = lambda r: float(np.mean(list(r["severity_spearman"].values())))
     for name, getter in getters.items():
