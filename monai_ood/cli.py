@@ -709,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,fit,calibrate,score,evaluate}")
 
     p = sub.add_parser(
-        "train", help="train a segmentation network with the prototype OOD head, then calibrate it"
+        "train",
+        help="train a segmentation network with the prototype OOD head, fit the default detector, calibrate",
     )
     _add_data_arguments(p)
     p.add_argument(

@@ -1,9 +1,12 @@
-"""The main demo (``make demo``): train on the embedded brain data, calibrate, score InD and OOD volumes.
+"""The main demo (``make demo``): train on the embedded brain data, fit the default detector, calibrate,
+score InD and OOD volumes.
 
 Everything goes through the ``monai-ood`` command line, exactly as a user would run it:
 
 1. ``monai-ood train`` on axial slices of the embedded InD pool (four brains, 4 classes; see
-   :mod:`monai_ood.benchmark.pool`), then Weibull calibration;
+   :mod:`monai_ood.benchmark.pool`), then the default detector fitted post hoc
+   (:class:`~monai_ood.detectors.FusedDetector`: multi-depth terms on the trained network) and the
+   Weibull calibration of its map;
 2. writes example inputs as NIfTI with their real geometry: InD test slabs of the 2009a T1 and of
    Colin27 (when Debian's mricron-data is installed), and examples of each OOD category: C1 another
    domain (a CT head DICOM file from pydicom-data), C2 another viewpoint (sagittal anatomy stored as
@@ -171,7 +174,9 @@ def main(argv=None) -> int:
     overwrite = ["--overwrite"] if args.overwrite else []
     start = time.perf_counter()
 
-    print("== 1/5 train + calibrate on the embedded pool of four brains (axial slices)")
+    print(
+        "== 1/5 train, fit the default detector, calibrate on the embedded pool of four brains (axial slices)"
+    )
     code = cli(
         [
             "train",
