@@ -627,12 +627,24 @@ def ablation_markdown(report: dict) -> list[str]:
         "",
         "Terms: " + ", ".join(f"`{t}`" for t in first["default_detector"]["terms"]) + ".",
         "",
-        "Fusion rule chosen on outliers synthesised from the validation split (mean AUROC over the ops), per seed: "
+        "Chosen on outliers synthesised from the validation split (which term families enter the image "
+        "score, and the fusion rule: the best mean AUROC over the ops; in brackets the runner-up and the "
+        "leave-one-op-out estimate of the choice), per seed: "
         + "; ".join(
-            f"seed {s}: **{run['default_detector']['selection']['rule']}** ("
-            + ", ".join(f"{k} {v:.3f}" for k, v in run["default_detector"]["selection"]["mean_auroc"].items())
+            f"seed {s}: **{sel.get('chosen', sel['rule'])}** ("
+            + (
+                f"{max(sel['mean_auroc'].values()):.3f}; runner-up "
+                f"{sorted(sel['mean_auroc'], key=sel['mean_auroc'].get)[-2]} "
+                f"{sorted(sel['mean_auroc'].values())[-2]:.3f}; leave-one-op-out "
+                f"{_fmt(sel.get('leave_one_op_out_auroc'))}"
+                if "mean_auroc" in sel
+                else "given"
+            )
             + ")"
-            for s, run in zip(report["seeds"], runs, strict=True)
+            for s, sel in (
+                (s, run["default_detector"]["selection"])
+                for s, run in zip(report["seeds"], runs, strict=True)
+            )
         )
         + ".",
         "",
