@@ -115,8 +115,9 @@ def _cmd_train(args) -> int:
             result.best_checkpoint, train_items, val_items, seed=args.seed, device=args.device
         )
         print(
-            f"default detector fitted: {len(detector.terms)} terms on {len(detector.layers)} layers, "
-            f"fusion {detector.fusion_!r} (chosen on outliers synthesised from the validation split)"
+            f"default detector fitted: {len(detector.terms)} terms on {len(detector.layers)} layers; image "
+            f"score {detector.selection_.get('chosen', detector.fusion_)!r} (chosen on outliers synthesised "
+            "from the validation split)"
         )
     if not args.no_calibrate:
         calibrator = calibrate(result.best_checkpoint, val_items, device=args.device)
@@ -218,7 +219,10 @@ def _cmd_fit(args) -> int:
         seed=args.seed,
         device=args.device,
     )
-    print(f"terms: {', '.join(detector.term_names)}; fusion {detector.fusion_!r}")
+    print(
+        f"terms: {', '.join(detector.term_names)}; image score "
+        f"{detector.selection_.get('chosen', detector.fusion_)!r}"
+    )
     if not args.no_calibrate:
         calibrator = calibrate(output, val_items, device=args.device)
         print(f"calibrated: Weibull shape={calibrator.shape:.3f} scale={calibrator.scale:.3f}")
