@@ -58,12 +58,44 @@ def _load_items(args, split: str, preprocessing):
 
 # ---------------------------------------------------------------- train
 
+BRAIN_CLASS_NAMES = ["background", "CSF", "grey matter", "white matter"]
+
+
+def _check_classes_present(train_items, num_classes: int, datalist: str) -> None:
+    """Refuse a --num-classes that the training labels do not use: a class absent from every training
+    label cannot be learned (values above it were refused file by file while reading)."""
+    import numpy as np
+
+    labels = [np.unique(item["label"]) for item in train_items if item.get("label") is not None]
+    if not labels:
+        return  # no labels at all: the training refuses that itself
+    present = sorted(int(v) for v in np.unique(np.concatenate(labels)))
+    absent = [k for k in range(num_classes) if k not in present]
+    if not absent:
+        return
+    largest = max(present)
+    if all(k > largest for k in absent):
+        fix = f"pass --num-classes {largest + 1} (background included) if the labels are complete"
+    else:
+        fix = "number the classes 0, 1, 2 ... without gaps, or add training images labelled with the missing ones"
+    raise ValueError(
+        f"--num-classes {num_classes}, but class(es) {absent} appear in no training label of {datalist!r} "
+        f"(on the model's slicing grid the training labels hold {present}): a class absent from every "
+        f"training label cannot be learned; {fix}"
+    )
+
 
 def _cmd_train(args) -> int:
     from .engines.calibration import calibrate
     from .engines.training import TrainingConfig, train
     from .preprocessing import SlicePreprocessing
 
+    if not args.datalist and args.num_classes != len(BRAIN_CLASS_NAMES):
+        raise ValueError(
+            f"--num-classes {args.num_classes} applies to --datalist labels; the embedded brain data has "
+            f"{len(BRAIN_CLASS_NAMES)} classes ({', '.join(BRAIN_CLASS_NAMES)}): drop --num-classes, or "
+            "give your own data with --datalist"
+        )
     output = Path(args.output)
     preprocessing = SlicePreprocessing(axis=args.axis, spacing=args.spacing, size=args.size)
     config = TrainingConfig(
@@ -78,6 +110,7 @@ def _cmd_train(args) -> int:
         seed=args.seed,
         device=args.device,
         head_config=args.head_config,
+        num_classes=args.num_classes if args.datalist else None,
         **{
             name: getattr(args, name)
             for name in (
@@ -93,8 +126,10 @@ def _cmd_train(args) -> int:
         },
     )
     train_items = _load_items(args, "train", preprocessing)
+    if args.datalist:
+        _check_classes_present(train_items, args.num_classes, args.datalist)
     val_items = _load_items(args, "validation", preprocessing)
-    class_names = ["background", "CSF", "grey matter", "white matter"] if not args.datalist else None
+    class_names = BRAIN_CLASS_NAMES if not args.datalist else None
     print(
         f"training {args.preset} + prototype head on {len(train_items)} slices, validating on {len(val_items)}"
     )
@@ -422,8 +457,9 @@ def _same_input(recorded: str, path: Path) -> bool:
         return False
 
 
-def _header_problem(path: Path) -> str | None:
-    """Why an input file cannot be scored, if its header alone tells (cheap: no voxels are read)."""
+def _header_problem(path: Path, channels: int = 1) -> str | None:
+    """Why an input file cannot be scored by a model of ``channels`` input channels, if its header alone
+    tells (cheap: no voxels are read)."""
     import SimpleITK as sitk
 
     from .io import read_image
@@ -447,6 +483,13 @@ def _header_problem(path: Path) -> str | None:
         return (
             f"{str(path)!r} is a {len(size)}D image of size {tuple(size)} (several volumes or channels "
             "along its 4th axis); monai-ood scores 2D or 3D images: split it into one file per volume"
+        )
+    components = reader.GetNumberOfComponents()
+    if components != channels:
+        return (
+            f"{str(path)!r} has {components} channels (components per voxel) but the model takes "
+            f"{channels}: give one channel per file (e.g. split the channels, or convert a colour image "
+            "to grey)"
         )
     return None
 
@@ -568,7 +611,8 @@ def _cmd_score(args) -> int:
             shown = message if str(path) in message else f"{str(path)!r}: {message}"
             tqdm.write(f"monai-ood score: failed: {shown}", file=sys.stderr)
 
-        problems = {path: _header_problem(path) for path in todo}
+        channels = int(loaded.model_config["in_channels"])
+        problems = {path: _header_problem(path, channels) for path in todo}
         for path, problem in problems.items():
             if problem is not None:
                 fail(path, problem)
@@ -666,8 +710,20 @@ def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate_checkpoint
 
     output = Path(args.output)
+    # refuse before any work (the evaluation takes minutes): an existing report, an unusable folder
     if (output / "evaluation.json").exists() and not args.overwrite:
         raise FileExistsError(f"{output / 'evaluation.json'} exists; pass --overwrite to replace it")
+    for folder in (output, output / "plots"):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{str(folder)!r} is a file, not a folder; choose another --output")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        check_writable(output)
+    except OSError as error:
+        raise OSError(
+            f"cannot create or write in the output folder {str(output)!r} ({error.strerror or error}); "
+            "choose a writable --output folder"
+        ) from error
     report = evaluate_checkpoint(
         args.checkpoint, cache_dir=args.cache_dir, device=args.device, seed=args.seed, plots=output / "plots"
     )
@@ -696,7 +752,13 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--datalist", help="MONAI datalist JSON of image/label paths instead of the embedded data"
     )
-    group.add_argument("--num-classes", type=int, default=4, help="classes in --datalist labels (default: 4)")
+    group.add_argument(
+        "--num-classes",
+        type=int,
+        default=4,
+        help="classes in --datalist labels, background included (default: 4); train builds a model of "
+        "this many classes and refuses labels that use more or fewer",
+    )
     group.add_argument(
         "--cache-dir",
         help="where the embedded data is built and cached (default: $MONAI_OOD_CACHE or ~/.cache/monai-ood)",

@@ -35,6 +35,7 @@ from .preprocessing import (
     SlicePreprocessing,
     VolumePreprocessing,
     array_on_grid,
+    as_volume,
     normalize_intensity,
     resample_to_reference,
     slice_positions,
@@ -112,12 +113,83 @@ def score_slices(
     }
 
 
+def _check_finite_outputs(image_scores: np.ndarray, maps: dict[str, np.ndarray | None]) -> None:
+    """Refuse NaN or Inf outputs: a table row or a map must never say ``nan``."""
+    problems = []
+    bad = int(np.size(image_scores) - np.isfinite(image_scores).sum())
+    if bad:
+        problems.append(f"{bad} of {np.size(image_scores)} image score(s)")
+    for name, array in maps.items():
+        if array is not None and not np.isfinite(array).all():
+            problems.append(f"{int(array.size - np.isfinite(array).sum())} values of the {name}")
+    if problems:
+        raise ValueError(
+            f"the model's outputs for this image are NaN or Inf ({', '.join(problems)}): the image is "
+            "unlike anything the model can score (e.g. extreme intensities), or the checkpoint is "
+            "damaged; nothing was written for it"
+        )
+
+
+def _millimetres(values) -> str:
+    return "x".join(f"{float(v):g}" for v in values)
+
+
+def _no_contrast_reason(image: sitk.Image, grid: sitk.Image, preprocessing: SlicePreprocessing) -> str:
+    """Why an image with contrast has none left on the model's slicing grid, in one sentence."""
+    volume = as_volume(image)
+    ones = sitk.Image(volume.GetSize(), sitk.sitkFloat32) + 1.0
+    ones.CopyInformation(volume)
+    covered = sitk.GetArrayFromImage(to_grid(ones, grid)) > 0  # (S, rows, cols): pixels inside the image
+    rows, cols = preprocessing.size
+    most = int(covered.reshape(len(covered), -1).sum(1).max()) if covered.size else 0
+    low, high = preprocessing.percentiles
+    grid_text = (
+        f"the model's grid ({rows}x{cols} pixels of {_millimetres(preprocessing.spacing)} mm per "
+        f"{preprocessing.axis} slice)"
+    )
+    size = f"{_millimetres(volume.GetSize())} voxels of {_millimetres(volume.GetSpacing())} mm"
+    if most <= max(1.0, rows * cols * min(low, 100.0 - high) / 100.0):
+        return (
+            f"the image has contrast, but none is left after resampling onto {grid_text}: it is {size} "
+            f"and covers at most {most} of the {rows * cols} pixels of a slice, too few to stand out of "
+            f"the slice's intensity window (its percentiles {low:g} to {high:g}); nothing to score: give "
+            "an image that fills more of the model's field of view"
+        )
+    return (
+        f"the image has contrast, but none is left after resampling onto {grid_text}: in every slice at "
+        f"least {high - low:g}% of the pixels have one same value (the image, {size}, has its contrast in "
+        "too few voxels, or finer than the model's pixels); nothing to score"
+    )
+
+
+def _check_scalar(image: sitk.Image) -> None:
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise ValueError(
+            f"the image has {components} channels (components per voxel) but the model takes 1: give "
+            "one channel per file (e.g. split the channels, or convert a colour image to grey)"
+        )
+
+
+def _check_contrast(image: sitk.Image) -> None:
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size and float(np.min(array)) == float(np.max(array)):
+        raise ValueError(
+            f"the image has no contrast anywhere (constant intensities: every voxel is {float(array.flat[0]):g})"
+            ": nothing to score"
+        )
+
+
 def _score_2d(net, image, preprocessing: SlicePreprocessing, calibrator, batch_size, detector) -> ScoredImage:
     slices, _, grid = volume_to_slices(image, preprocessing)
-    out = score_slices(net, slices, calibrator, batch_size, detector)
     has_signal = slices.reshape(len(slices), -1).max(1) > 0
-    if not has_signal.any():
-        raise ValueError("the image has no contrast anywhere (constant intensities): nothing to score")
+    if not has_signal.any():  # before the network: a refused image costs no forward pass
+        raise ValueError(_no_contrast_reason(image, grid, preprocessing))
+    out = score_slices(net, slices, calibrator, batch_size, detector)
+    _check_finite_outputs(
+        out["image_score"],
+        {"score map": out["score_map"], "calibrated map": out["calibrated_map"]},
+    )
     positions = slice_positions(grid)
     rows = []
     for k in range(len(slices)):
@@ -169,6 +241,9 @@ def _score_3d(
     segmentation = stitched[:num_classes].argmax(0).to(torch.uint8).cpu().numpy()
     score_map = stitched[num_classes].cpu().numpy().astype(np.float32)
     calibrated = None if calibrator is None else calibrator.transform(score_map).astype(np.float32)
+    _check_finite_outputs(
+        np.asarray([score_map.mean()]), {"score map": score_map, "calibrated map": calibrated}
+    )
     positions = slice_positions(grid)
     rows = [
         {
@@ -216,8 +291,12 @@ def score_image(
             (then the prototype head's score and map).
 
     Raises:
-        ValueError: on NaN/Inf voxels or an image without any contrast.
+        ValueError: on NaN/Inf voxels, an image of several channels (components per voxel), an image
+            without any contrast (constant), or one whose contrast is lost on the model's grid (too
+            small), all before the network runs; and when the model's scores or maps come out NaN/Inf.
     """
+    _check_scalar(image)
+    _check_contrast(image)
     if net.spatial_dims == 2 and not isinstance(preprocessing, SlicePreprocessing):
         raise ValueError(f"a 2D model needs SlicePreprocessing, got {type(preprocessing).__name__}")
     if net.spatial_dims == 3 and not isinstance(preprocessing, VolumePreprocessing):

@@ -327,6 +327,58 @@ def _state_dict_mismatch(net: nn.Module, state_dict: Mapping[str, torch.Tensor])
     return "; ".join(parts) or None
 
 
+def _non_finite_keys(value: Any, prefix: str) -> list[str]:
+    """The keys (``a.b[0].c``) of the floating-point tensors and floats under ``value`` that hold NaN or Inf."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            return [] if bool(torch.isfinite(value).all()) else [prefix]
+        return []
+    if isinstance(value, float):
+        return [] if np.isfinite(value) else [prefix]
+    if isinstance(value, Mapping):
+        return [
+            k for key, item in value.items() for k in _non_finite_keys(item, f"{prefix}.{key}".lstrip("."))
+        ]
+    if isinstance(value, (list, tuple)):
+        return [k for i, item in enumerate(value) for k in _non_finite_keys(item, f"{prefix}[{i}]")]
+    return []
+
+
+def _shown(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _check_finite_checkpoint(data: Mapping[str, Any], source: str) -> None:
+    """Refuse a model checkpoint whose weights or stored detector hold NaN or Inf values.
+
+    Such a model scores every image NaN; it comes from a training run that diverged (or a damaged file).
+    """
+    bad = _non_finite_keys(dict(data["state_dict"]), "")
+    if bad:
+        raise ValueError(
+            f"{source!r} is a damaged checkpoint: NaN or Inf values in {len(bad)} weight tensor(s) "
+            f"({_shown(bad)}); the training that wrote it probably diverged (or the file was altered): "
+            "retrain, e.g. with a lower learning rate, or use an earlier model.pt"
+        )
+    detector = data.get("detector")
+    if isinstance(detector, Mapping):
+        terms = detector.get("terms")
+        bad = [
+            key
+            for i, term in enumerate(terms if isinstance(terms, (list, tuple)) else [])
+            if isinstance(term, Mapping)
+            for key in _non_finite_keys(term.get("state"), f"detector.terms[{i}].state")
+        ]
+        for name in ("loc", "scale", "weibull", "map_scale"):
+            bad += _non_finite_keys(detector.get(name), f"detector.{name}")
+        if bad:
+            raise ValueError(
+                f"{source!r} is a damaged checkpoint: its stored detector holds NaN or Inf values "
+                f"({_shown(bad)}); the fit that wrote it went wrong (or the file was altered): fit the "
+                "detector again (monai-ood fit --checkpoint ...)"
+            )
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
     """Read a model checkpoint written by :func:`save_model`.
 
@@ -339,8 +391,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file is not a monai-ood model checkpoint (names the file), or its state dict
-            does not fit the network its ``model_config`` describes (lists the keys).
+        ValueError: if the file is not a monai-ood model checkpoint (names the file), its state dict
+            does not fit the network its ``model_config`` describes (lists the keys), or its weights or
+            stored detector hold NaN or Inf values (a diverged training run: names the first tensors).
     """
     device = resolve_device(device)
     data = _load_dict(path, MODEL_FORMAT, map_location=device)
@@ -364,6 +417,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         raise ValueError(
             f"{source!r}: the stored weights do not fit the {config['preset']!r} network: {mismatch}"
         )
+    _check_finite_checkpoint(data, source)
     net.load_state_dict(data["state_dict"])
     net.to(device).eval()
     try:
