@@ -524,15 +524,22 @@ def _write_map_set(scored, paths: dict[str, Path], reference: Path | None) -> No
     """
     from .io import write_image
 
-    images = {"segmentation": (scored.segmentation, "label", None)}
-    images["score_map"] = (scored.score_map, "map", "monai-ood A(x)")
-    if scored.calibrated_map is not None:
-        images["calibrated_map"] = (scored.calibrated_map, "map", "monai-ood A_xi")
+    # one full-size output at a time: each is made on the input's grid when written, then dropped
+    images = {"segmentation": ("label", None), "score_map": ("map", "monai-ood A(x)")}
+    if scored.has_calibrated_map:
+        images["calibrated_map"] = ("map", "monai-ood A_xi")
     with AtomicFileSet(overwrite=True) as files:
-        for key, (image, kind, description) in images.items():
+        for key, (kind, description) in images.items():
 
-            def write(temporary: Path, image=image, kind=kind, description=description) -> None:
-                write_image(image, temporary, reference, kind=kind, overwrite=True, description=description)
+            def write(temporary: Path, key=key, kind=kind, description=description) -> None:
+                write_image(
+                    getattr(scored, key),
+                    temporary,
+                    reference,
+                    kind=kind,
+                    overwrite=True,
+                    description=description,
+                )
 
             files.write(paths[key], write)
 

@@ -22,8 +22,6 @@ Image-level numbers (the table of ``monai-ood score``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -47,16 +45,53 @@ from .preprocessing import (
 __all__ = ["ScoredImage", "score_image", "score_slices"]
 
 
-@dataclass
 class ScoredImage:
-    """Outputs for one input, all on the input's own grid."""
+    """Outputs for one input, all on the input's own grid.
 
-    segmentation: sitk.Image
-    score_map: sitk.Image
-    calibrated_map: sitk.Image | None
-    image_score: float
-    calibrated_degree: float | None
-    slices: list[dict] = field(default_factory=list)
+    ``segmentation``, ``score_map`` and ``calibrated_map`` (``None`` without calibration) are full-size
+    volumes on the input's grid: each is resampled from the model's grid when it is read and not kept,
+    so a writer that takes them one at a time holds one of them at a time (for a 512 x 512 x 400 input
+    each float map is 420 MB). Read each once; ``has_calibrated_map`` says whether there is an A_xi.
+    """
+
+    def __init__(
+        self,
+        segmentation,
+        score_map,
+        calibrated_map,
+        image_score: float,
+        calibrated_degree: float | None,
+        slices: list[dict] | None = None,
+    ) -> None:
+        # each image: a sitk.Image, or a function of no argument that makes it
+        self._images = {
+            "segmentation": segmentation,
+            "score_map": score_map,
+            "calibrated_map": calibrated_map,
+        }
+        self.image_score = image_score
+        self.calibrated_degree = calibrated_degree
+        self.slices = list(slices or [])
+
+    def _image(self, key: str) -> sitk.Image | None:
+        value = self._images[key]
+        return value() if callable(value) else value
+
+    @property
+    def segmentation(self) -> sitk.Image:
+        return self._image("segmentation")
+
+    @property
+    def score_map(self) -> sitk.Image:
+        return self._image("score_map")
+
+    @property
+    def calibrated_map(self) -> sitk.Image | None:
+        return self._image("calibrated_map")
+
+    @property
+    def has_calibrated_map(self) -> bool:
+        return self._images["calibrated_map"] is not None
 
 
 def _device_of(net: torch.nn.Module) -> torch.device:
@@ -203,11 +238,13 @@ def _score_2d(net, image, preprocessing: SlicePreprocessing, calibrator, batch_s
                 "calibrated_degree": None if calibrator is None else float(out["calibrated_degree"][k]),
             }
         )
-    seg = resample_to_reference(array_on_grid(out["segmentation"], grid), image, sitk.sitkNearestNeighbor)
-    score_map = resample_to_reference(array_on_grid(out["score_map"], grid), image)
-    calibrated = None
-    if calibrator is not None:
-        calibrated = resample_to_reference(array_on_grid(out["calibrated_map"], grid), image)
+
+    def on_input(array, interpolator=sitk.sitkLinear):  # made when read (see ScoredImage)
+        return lambda: resample_to_reference(array_on_grid(array, grid), image, interpolator)
+
+    seg = on_input(out["segmentation"], sitk.sitkNearestNeighbor)
+    score_map = on_input(out["score_map"])
+    calibrated = None if calibrator is None else on_input(out["calibrated_map"])
     return ScoredImage(
         segmentation=seg,
         score_map=score_map,
@@ -256,14 +293,14 @@ def _score_3d(
         }
         for k in range(score_map.shape[0])
     ]
+
+    def on_input(array, interpolator=sitk.sitkLinear):  # made when read (see ScoredImage)
+        return lambda: resample_to_reference(array_on_grid(array, grid), image, interpolator)
+
     return ScoredImage(
-        segmentation=resample_to_reference(
-            array_on_grid(segmentation, grid), image, sitk.sitkNearestNeighbor
-        ),
-        score_map=resample_to_reference(array_on_grid(score_map, grid), image),
-        calibrated_map=None
-        if calibrated is None
-        else resample_to_reference(array_on_grid(calibrated, grid), image),
+        segmentation=on_input(segmentation, sitk.sitkNearestNeighbor),
+        score_map=on_input(score_map),
+        calibrated_map=None if calibrated is None else on_input(calibrated),
         image_score=float(score_map.mean()),
         calibrated_degree=None if calibrated is None else float(calibrated.mean()),
         slices=rows,

@@ -246,7 +246,12 @@ def _nifti_affine(path: Path) -> tuple[nib.Nifti1Image, np.ndarray] | None:
         )
     elif qcode > 0 and scode > 0:
         qform, sform = header.get_qform(), header.get_sform()
-        if np.abs(qform - sform).max() > _AFFINE_TOLERANCE_MM:
+        # the sform as a qform can hold it (float32 quaternion: rotations near 180 degrees keep only
+        # ~1e-3 per mm): a writer that set qform = sform differs from the sform by that much, not more
+        encoded = header.copy()
+        encoded.set_qform(sform, code=int(qcode))
+        tolerance = _AFFINE_TOLERANCE_MM + np.abs(encoded.get_qform() - sform).max()
+        if np.abs(qform - sform).max() > tolerance:
             warnings.warn(
                 f"{str(path)!r} has a qform (code {qcode}) and an sform (code {scode}) that differ by up "
                 f"to {np.abs(qform - sform).max():.3g} (mm): using the sform, as nibabel does. qform="
@@ -377,19 +382,58 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise ValueError(f"{str(path)!r} is a {image.GetDimension()}D image; expected 2D or 3D")
     if image.GetNumberOfPixels() == 0 or min(image.GetSize()) == 0:
         raise ValueError(f"{str(path)!r} is an empty image (size {image.GetSize()})")
-    array = sitk.GetArrayViewFromImage(image)
     if _suffix(path, _NIFTI_SUFFIXES) and path.is_file():
         # ITK's NIfTI reader zero-fills truncated files and turns NaN and Inf into 0 without a word:
-        # read the stored values with nibabel too (outputs copy the input's affine with it anyway).
-        try:
-            array = np.asanyarray(nib.load(str(path)).dataobj)
-        except Exception as error:
-            reason = " ".join(str(error).split())
-            raise ValueError(f"{str(path)!r} is a damaged or truncated NIfTI file: {reason}") from error
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        bad = int(np.size(array) - np.isfinite(array).sum())
+        # read the stored values with nibabel too (outputs copy the input's affine with it anyway), in
+        # slabs along the last axis (contiguous in the file), so a large volume is never held twice.
+        bad = _nifti_non_finite(path)
+    else:
+        array = sitk.GetArrayViewFromImage(image)
+        bad = _non_finite_count(array)
+    if bad:
         raise ValueError(f"{str(path)!r} holds {bad} NaN or Inf values; fix or mask them before scoring")
     return image
+
+
+_SLAB_BYTES = 32 * 2**20
+
+
+def _non_finite_count(array: np.ndarray) -> int:
+    """NaN and Inf values of ``array``, counted in slabs of the first axis (no full-size mask)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    flat = array.reshape(len(array), -1) if array.ndim > 1 else array.reshape(1, -1)
+    step = max(1, _SLAB_BYTES // max(1, flat[0].nbytes))
+    return int(
+        sum(
+            np.size(flat[k : k + step]) - np.isfinite(flat[k : k + step]).sum()
+            for k in range(0, len(flat), step)
+        )
+    )
+
+
+def _nifti_non_finite(path: Path) -> int:
+    """NaN and Inf values stored in a NIfTI file, read with nibabel in slabs along the last axis.
+
+    Raises:
+        ValueError: the file is damaged or truncated (nibabel cannot read its data).
+    """
+    try:
+        proxy = nib.load(str(path), keep_file_open=True).dataobj
+        shape = tuple(proxy.shape)
+        if len(shape) < 3:
+            return _non_finite_count(np.asanyarray(proxy))
+        plane = int(np.prod(shape[:-1])) * np.dtype(proxy.dtype).itemsize
+        step = max(1, _SLAB_BYTES // max(1, plane))
+        bad = 0
+        for k in range(0, shape[-1], step):
+            slab = np.asanyarray(proxy[..., k : k + step])
+            if np.issubdtype(slab.dtype, np.floating):
+                bad += int(np.size(slab) - np.isfinite(slab).sum())
+        return bad
+    except Exception as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{str(path)!r} is a damaged or truncated NIfTI file: {reason}") from error
 
 
 def find_inputs(path: str | os.PathLike) -> list[Path]:
@@ -561,8 +605,10 @@ def _output_array(image: sitk.Image, kind: str) -> np.ndarray:
         )
     if image.GetNumberOfPixels() == 0:
         raise ValueError(f"cannot write an empty image (size {image.GetSize()})")
-    array = sitk.GetArrayFromImage(image)
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+    # a view, not a copy: a full-size map is not held twice while it is written (the image outlives
+    # the writer that uses the array)
+    array = sitk.GetArrayViewFromImage(image)
+    if _non_finite_count(array):
         raise ValueError(f"cannot write a {kind} with NaN or Inf values")
     if kind == "map":
         return array.astype(np.float32, copy=False)
@@ -614,7 +660,7 @@ def _nifti_writer(
             back = sitk.Resample(
                 image, target, _index_transform(verbatim), _interpolator(image, kind == "label"), 0.0
             )
-            data, sheared = _output_array(back, kind).T, True
+            data, sheared = np.array(_output_array(back, kind)).T, True  # a copy: `back` is local
         elif _squeezed(input_nifti.shape) != _squeezed(data.shape):
             raise ValueError(
                 f"the output's grid {_squeezed(data.shape)} (x, y, z) does not match the input "

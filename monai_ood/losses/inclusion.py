@@ -98,9 +98,17 @@ class _LogChiSquareTail(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         distance, a, x, value = ctx.saved_tensors
         log_density = (a - 1.0) * torch.log(x) - x - torch.lgamma(a)
-        slope = 0.5 * torch.exp(log_density - value)
+        log_ratio = log_density - value  # log(density / tail)
+        if ctx.upper:
+            # far in the upper tail both terms are about -x and their difference is lost to rounding
+            # (x > 1e13); there Q(a, x) = density * (1 + (a-1)/x + (a-1)(a-2)/x^2 + ...), so use the series
+            far = (x > 1e8) & (x > 100.0 * a)
+            series = -torch.log1p((a - 1.0) / x + (a - 1.0) * (a - 2.0) / (x * x))
+            log_ratio = torch.where(far, series, log_ratio)
+        slope = 0.5 * torch.exp(log_ratio)
         slope = -slope if ctx.upper else slope
-        slope = torch.where(distance >= DISTANCE_FLOOR, slope, torch.zeros_like(slope))
+        # the forward pass clamps in float64: compare there too (float32(1e-20) is below the floor)
+        slope = torch.where(distance.double() >= DISTANCE_FLOOR, slope, torch.zeros_like(slope))
         grad = grad_output.double() * slope
         # reduce over dimensions broadcast from num_dims
         while grad.dim() > distance.dim():
