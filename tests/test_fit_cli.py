@@ -297,3 +297,11 @@ def test_train_detector_choice(dataset, tmp_path, detector):
         stages = ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule"]
         assert loaded.detector is not None and loaded.detector.layers == stages
     assert loaded.calibrator is not None
+
+
+def test_network_flag_on_a_monai_ood_model_is_refused(monai_ood_model, dataset, capsys):
+    before = monai_ood_model.read_bytes()
+    argv = _fit_argv(dataset, monai_ood_model, "--network", "unet")
+    assert main(argv) == 2
+    assert "--network is only for plain weights" in _one_error_line(capsys)
+    assert monai_ood_model.read_bytes() == before

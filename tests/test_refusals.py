@@ -342,3 +342,23 @@ def test_multichannel_inputs_are_refused_before_the_network(
     # the library call refuses it too (e.g. a DICOM series, whose header is not read up front)
     with pytest.raises(ValueError, match="2 channels"):
         score_image(network[1], sitk.ReadImage(str(tmp_path / "two.nrrd")), PREPROCESSING)
+
+
+def test_score_output_that_is_a_file_is_refused_before_any_work(model, scan, tmp_path, capsys):
+    output = tmp_path / "scores"
+    output.write_text("not a folder")
+    assert _score(scan, "--checkpoint", model, "--output", output) == 2
+    line = _one_error_line(capsys, "score")
+    assert str(output) in line and "file" in line
+    assert output.read_text() == "not a folder"  # untouched
+
+
+def test_empty_image_is_refused(tmp_path):
+    import nibabel as nib
+
+    from monai_ood.io import read_image
+
+    path = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((0, 4, 4), np.float32), np.eye(4)), str(path))
+    with pytest.raises(ValueError, match="cannot read .*empty.nii.gz.* as an image"):
+        read_image(path)
