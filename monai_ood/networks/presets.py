@@ -10,6 +10,10 @@ the encoder as f_int"), at 1/16 of the input resolution for the default configur
 | ``dynunet``  | :class:`monai.networks.nets.DynUNet`      | ``bottleneck``                    |
 | ``segresnet``| :class:`monai.networks.nets.SegResNet`    | ``down_layers.<last>``            |
 | ``deeplabv3``| :class:`monai_ood.networks.DeepLabV3`     | ``backbone.layer4`` (2048 channels) |
+| ``swinunetr``| :class:`monai.networks.nets.SwinUNETR`    | ``encoder10``                     |
+
+Each entry of :data:`PRESETS` also lists the network's encoder stages (the default detector's layers):
+a new backbone is one entry here, with the test of ``tests/networks/test_registry.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ __all__ = [
     "encoder_stages",
     "feature_layer_for",
     "multiscale_layers",
+    "preset_of",
 ]
 
 
@@ -99,31 +104,20 @@ def _build_deeplabv3(spatial_dims: int, in_channels: int, out_channels: int, **k
 
 @dataclass(frozen=True)
 class Preset:
-    """A supported network: how to build its default configuration and where its encoder output is."""
+    """A supported network, in one entry: how to build its default configuration, its encoder stages
+    (shallow to deep, up to the bottleneck: the layers the default detector reads) and where its
+    encoder output is (the layer the prototype head hooks)."""
 
     network_type: type | None
     build: Callable[..., nn.Module]
     feature_layer: Callable[[nn.Module], str]
+    stages: Callable[[nn.Module], list[str]]
 
 
 def _deeplabv3_type() -> type:
     from .deeplabv3 import DeepLabV3
 
     return DeepLabV3
-
-
-PRESETS: dict[str, Preset] = {
-    "unet": Preset(UNet, _build_unet, _unet_bottom),
-    "basic_unet": Preset(BasicUNet, _build_basic_unet, lambda net: "down_4"),
-    "dynunet": Preset(DynUNet, _build_dynunet, lambda net: "bottleneck"),
-    "segresnet": Preset(SegResNet, _build_segresnet, _segresnet_last_down),
-    # DeepLabV3 is resolved lazily so that importing the presets does not build the ResNet module.
-    "deeplabv3": Preset(None, _build_deeplabv3, _deeplabv3_layer),
-    # SwinUNETR: the convolutional encoder blocks on the transformer's hidden states; input sides must
-    # be multiples of 32
-    "swinunetr": Preset(None, _build_swinunetr, lambda net: "encoder10"),
-}
-_LAZY_TYPES = {"deeplabv3": _deeplabv3_type, "swinunetr": _swinunetr_type}
 
 
 def _unet_downs(net: UNet) -> list[str]:
@@ -134,23 +128,62 @@ def _unet_downs(net: UNet) -> list[str]:
     return names
 
 
+PRESETS: dict[str, Preset] = {
+    "unet": Preset(UNet, _build_unet, _unet_bottom, lambda net: [*_unet_downs(net), _unet_bottom(net)]),
+    "basic_unet": Preset(
+        BasicUNet,
+        _build_basic_unet,
+        lambda net: "down_4",
+        lambda net: ["conv_0", "down_1", "down_2", "down_3", "down_4"],
+    ),
+    "dynunet": Preset(
+        DynUNet,
+        _build_dynunet,
+        lambda net: "bottleneck",
+        lambda net: ["input_block", *(f"downsamples.{i}" for i in range(len(net.downsamples))), "bottleneck"],
+    ),
+    "segresnet": Preset(
+        SegResNet,
+        _build_segresnet,
+        _segresnet_last_down,
+        lambda net: [f"down_layers.{i}" for i in range(len(net.down_layers))],
+    ),
+    # DeepLabV3 is resolved lazily so that importing the presets does not build the ResNet module.
+    "deeplabv3": Preset(
+        None,
+        _build_deeplabv3,
+        _deeplabv3_layer,
+        lambda net: ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"],
+    ),
+    # SwinUNETR: the convolutional encoder blocks on the transformer's hidden states; input sides must
+    # be multiples of 32
+    "swinunetr": Preset(
+        None,
+        _build_swinunetr,
+        lambda net: "encoder10",
+        lambda net: ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
+    ),
+}
+_LAZY_TYPES = {"deeplabv3": _deeplabv3_type, "swinunetr": _swinunetr_type}
+
+
+def preset_of(network: nn.Module) -> Preset | None:
+    """The registry entry whose network type ``network`` is, or ``None``."""
+    for key, preset in PRESETS.items():
+        if isinstance(network, preset.network_type or _LAZY_TYPES[key]()):
+            return preset
+    return None
+
+
 def encoder_stages(network: nn.Module) -> list[str]:
     """Names of the encoder stages of a supported network, shallow to deep, up to the bottleneck."""
-    from .deeplabv3 import DeepLabV3
-
-    if isinstance(network, UNet):
-        return [*_unet_downs(network), _unet_bottom(network)]
-    if isinstance(network, BasicUNet):
-        return ["conv_0", "down_1", "down_2", "down_3", "down_4"]
-    if isinstance(network, DynUNet):
-        return ["input_block", *(f"downsamples.{i}" for i in range(len(network.downsamples))), "bottleneck"]
-    if isinstance(network, SegResNet):
-        return [f"down_layers.{i}" for i in range(len(network.down_layers))]
-    if isinstance(network, DeepLabV3):
-        return ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
-    if isinstance(network, _swinunetr_type()):
-        return ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"]
-    raise ValueError(f"no preset lists the encoder stages of {type(network).__name__}: pass layer names")
+    preset = preset_of(network)
+    if preset is None:
+        raise ValueError(
+            f"no preset lists the encoder stages of {type(network).__name__}: pass layer names "
+            f"(presets exist for: {', '.join(PRESETS)})"
+        )
+    return preset.stages(network)
 
 
 @torch.no_grad()
@@ -204,10 +237,9 @@ def feature_layer_for(network: nn.Module) -> str:
     Raises:
         ValueError: for a network type without a preset; pass ``layer=...`` to :class:`PrototypeOODNet`.
     """
-    for key, preset in PRESETS.items():
-        network_type = preset.network_type or _LAZY_TYPES[key]()
-        if isinstance(network, network_type):
-            return preset.feature_layer(network)
+    preset = preset_of(network)
+    if preset is not None:
+        return preset.feature_layer(network)
     raise ValueError(
         f"no preset knows where the encoder of {type(network).__name__} ends; pass layer='<module name>' "
         f"(one of backbone.named_modules()); presets exist for: {', '.join(PRESETS)}"
