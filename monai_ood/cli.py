@@ -772,6 +772,32 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_slicing_arguments(parser: argparse.ArgumentParser, whose: str = "") -> None:
+    """--axis, --spacing, --size: how a 2D model's slices are made (train, and fit on plain weights)."""
+    parser.add_argument(
+        "--axis",
+        choices=["axial", "coronal", "sagittal"],
+        default="axial",
+        help=f"slicing axis{whose} (default: axial)",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs=2,
+        default=(2.0, 2.0),
+        metavar=("ROW", "COL"),
+        help=f"in-plane spacing{whose} in mm (default: 2 2)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(112, 96),
+        metavar=("ROWS", "COLS"),
+        help=f"slice size{whose} after centre crop/pad (default: 112 96; SwinUNETR: multiples of 32)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="monai-ood",
@@ -792,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="unet",
-        help="network preset: unet, basic_unet, dynunet, segresnet, deeplabv3 (default: unet)",
+        help="network preset: unet, basic_unet, dynunet, segresnet, swinunetr, deeplabv3 (default: unet)",
     )
     p.add_argument(
         "--network-kwargs",
@@ -800,28 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
         default={},
         help='JSON overrides of the network arguments, e.g. \'{"channels": [8, 16, 32], "strides": [2, 2]}\'',
     )
-    p.add_argument(
-        "--axis",
-        choices=["axial", "coronal", "sagittal"],
-        default="axial",
-        help="slicing axis (default: axial)",
-    )
-    p.add_argument(
-        "--spacing",
-        type=float,
-        nargs=2,
-        default=(2.0, 2.0),
-        metavar=("ROW", "COL"),
-        help="in-plane spacing in mm (default: 2 2)",
-    )
-    p.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        default=(112, 96),
-        metavar=("ROWS", "COLS"),
-        help="slice size after centre crop/pad (default: 112 96)",
-    )
+    _add_slicing_arguments(p)
     p.add_argument(
         "--epochs",
         type=int,
@@ -920,28 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="how the terms are fused (default: auto, chosen on outliers synthesised from validation)",
     )
-    p.add_argument(
-        "--axis",
-        choices=["axial", "coronal", "sagittal"],
-        default="axial",
-        help="slicing axis of plain weights",
-    )
-    p.add_argument(
-        "--spacing",
-        type=float,
-        nargs=2,
-        default=(2.0, 2.0),
-        metavar=("ROW", "COL"),
-        help="in-plane spacing (mm)",
-    )
-    p.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        default=(112, 96),
-        metavar=("ROWS", "COLS"),
-        help="slice size (SwinUNETR: multiples of 32, e.g. 128 96)",
-    )
+    _add_slicing_arguments(p, " of plain weights")
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the warps and selection outliers (default: 0)"
     )

@@ -218,7 +218,48 @@ def _gaussian_state(mean: torch.Tensor, cholesky: torch.Tensor) -> dict[str, tor
 # ------------------------------------------------------------------------------------------- terms
 
 
-class StageStatisticsTerm(Term):
+class _GaussianTerm(Term):
+    """A term that reduces each image to a vector (:meth:`vectors`), fits one Ledoit-Wolf Gaussian to the
+    training vectors and scores the Mahalanobis distance (not squared) to it; no map."""
+
+    def __init__(self, layer: str | None = None) -> None:
+        super().__init__(layer)
+        self.mean_: torch.Tensor | None = None
+        self.cholesky_: torch.Tensor | None = None
+        self.shrinkage_: float | None = None
+        self._vectors: list[torch.Tensor] = []
+
+    def vectors(self, features: Features) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        self._vectors = []
+
+    def _add(self, features: Features) -> None:
+        self._vectors.append(self.vectors(features).cpu())
+
+    def _end(self, count: int) -> None:
+        x = torch.cat(self._vectors).numpy() if self._vectors else np.zeros((0, 0))
+        self._vectors = []
+        if len(x) < 2:
+            raise ValueError(f"the term {self.name!r} needs at least 2 training images, got {len(x)}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"the vectors of the term {self.name!r} contain NaN or inf")
+        gaussian = fit_shrunk_gaussian(x)
+        self.mean_, self.cholesky_, self.shrinkage_ = gaussian.mean, gaussian.cholesky, gaussian.shrinkage
+
+    def _predict(self, features: Features) -> TermOutput:
+        v = self.vectors(features)
+        return TermOutput(mahalanobis_distance(v, self.mean_.to(v.device), self.cholesky_.to(v.device)), None)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return _gaussian_state(self.mean_, self.cholesky_)
+
+    def _load(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.mean_, self.cholesky_ = state["mean"].double().cpu(), state["cholesky"].double().cpu()
+
+
+class StageStatisticsTerm(_GaussianTerm):
     """Channel statistics of one encoder stage and one Ledoit-Wolf Gaussian over the training images;
     the score is the Mahalanobis distance (not squared) to it.
 
@@ -246,44 +287,13 @@ class StageStatisticsTerm(Term):
             raise ValueError(f"layer must be a module name, got {layer!r}")
         super().__init__(layer)
         self.statistics = statistics
-        self.mean_: torch.Tensor | None = None
-        self.cholesky_: torch.Tensor | None = None
-        self.shrinkage_: float | None = None
-        self._vectors: list[torch.Tensor] = []
 
     def vectors(self, features: Features) -> torch.Tensor:
         """The ``(B, D)`` float64 statistics of the stage."""
         return channel_statistics(features.stage(self.layer), self.statistics)
 
-    def _begin(self) -> None:
-        self._vectors = []
-
-    def _add(self, features: Features) -> None:
-        self._vectors.append(self.vectors(features).cpu())
-
-    def _end(self, count: int) -> None:
-        x = torch.cat(self._vectors).numpy() if self._vectors else np.zeros((0, 0))
-        self._vectors = []
-        if len(x) < 2:
-            raise ValueError(f"the term {self.name!r} needs at least 2 training images, got {len(x)}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"the statistics of stage {self.layer!r} contain NaN or inf")
-        gaussian = fit_shrunk_gaussian(x)
-        self.mean_, self.cholesky_, self.shrinkage_ = gaussian.mean, gaussian.cholesky, gaussian.shrinkage
-
-    def _predict(self, features: Features) -> TermOutput:
-        v = self.vectors(features)
-        distance = mahalanobis_distance(v, self.mean_.to(v.device), self.cholesky_.to(v.device))
-        return TermOutput(distance, None)
-
     def config(self) -> dict[str, Any]:
         return {"layer": self.layer, "statistics": list(self.statistics)}
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return _gaussian_state(self.mean_, self.cholesky_)
-
-    def _load(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.mean_, self.cholesky_ = state["mean"].double().cpu(), state["cholesky"].double().cpu()
 
 
 class ClassPrototypeTerm(Term):
@@ -411,7 +421,7 @@ class ClassPrototypeTerm(Term):
         self.means_, self.variances_, self.present_ = means, variances, state["present"].bool().cpu()
 
 
-class IntensityTerm(Term):
+class IntensityTerm(_GaussianTerm):
     """A coarse intensity histogram inside the foreground and one Ledoit-Wolf Gaussian over the training
     images' histograms; the score is the Mahalanobis distance (IHF, Vasiliuk et al. 2023, without the
     PCA). Reads the preprocessed images (intensities in ``[0, 1]``), no network layer.
@@ -435,39 +445,12 @@ class IntensityTerm(Term):
         super().__init__(None)
         self.bins = bins
         self.threshold = float(threshold)
-        self.mean_: torch.Tensor | None = None
-        self.cholesky_: torch.Tensor | None = None
-        self._vectors: list[torch.Tensor] = []
 
     def vectors(self, features: Features) -> torch.Tensor:
         return foreground_histograms(features.images, self.bins, self.threshold)
 
-    def _begin(self) -> None:
-        self._vectors = []
-
-    def _add(self, features: Features) -> None:
-        self._vectors.append(self.vectors(features).cpu())
-
-    def _end(self, count: int) -> None:
-        x = torch.cat(self._vectors).numpy() if self._vectors else np.zeros((0, 0))
-        self._vectors = []
-        if len(x) < 2:
-            raise ValueError(f"the term {self.name!r} needs at least 2 training images, got {len(x)}")
-        gaussian = fit_shrunk_gaussian(x)
-        self.mean_, self.cholesky_ = gaussian.mean, gaussian.cholesky
-
-    def _predict(self, features: Features) -> TermOutput:
-        v = self.vectors(features)
-        return TermOutput(mahalanobis_distance(v, self.mean_.to(v.device), self.cholesky_.to(v.device)), None)
-
     def config(self) -> dict[str, Any]:
         return {"bins": self.bins, "threshold": self.threshold}
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return _gaussian_state(self.mean_, self.cholesky_)
-
-    def _load(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.mean_, self.cholesky_ = state["mean"].double().cpu(), state["cholesky"].double().cpu()
 
 
 #: the registry: a new term is one class here plus one entry
