@@ -720,17 +720,9 @@ def _cmd_evaluate(args) -> int:
     # refuse before any work (the evaluation takes minutes): an existing report, an unusable folder
     if (output / "evaluation.json").exists() and not args.overwrite:
         raise FileExistsError(f"{output / 'evaluation.json'} exists; pass --overwrite to replace it")
-    for folder in (output, output / "plots"):
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{str(folder)!r} is a file, not a folder; choose another --output")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        check_writable(output)
-    except OSError as error:
-        raise OSError(
-            f"cannot create or write in the output folder {str(output)!r} ({error.strerror or error}); "
-            "choose a writable --output folder"
-        ) from error
+    if (output / "plots").exists() and not (output / "plots").is_dir():
+        raise ValueError(f"{str(output / 'plots')!r} is a file, not a folder; choose another --output")
+    _prepare_output(output)
     report = evaluate_checkpoint(
         args.checkpoint, cache_dir=args.cache_dir, device=args.device, seed=args.seed, plots=output / "plots"
     )

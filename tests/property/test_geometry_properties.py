@@ -29,7 +29,11 @@ from monai_ood.preprocessing import SlicePreprocessing, slicing_grid
 
 NUM_CLASSES = 3
 PREPROCESSING = SlicePreprocessing(spacing=(4.0, 4.0), size=(16, 16))
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the suite runs the same examples on every machine (CI must not fail at random); search
+# wider by hand with --hypothesis-seed and more examples
+SETTINGS = settings(
+    max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +216,10 @@ def _nearest_neighbour_ties(affine: np.ndarray, shape, grid: sitk.Image) -> np.n
 def test_scores_do_not_depend_on_the_voxel_storage_order(net, case):
     """The same physical image stored with permuted/flipped voxel axes (nibabel's closest canonical,
     RAS+) gives the same maps once brought back to the original voxel order."""
-    affine, data = case
+    _check_storage_order(net, *case)
+
+
+def _check_storage_order(net, affine, data):
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         original, canonical = folder / "original.nii.gz", folder / "canonical.nii.gz"
@@ -289,3 +296,18 @@ def test_written_niftis_read_back_without_geometry_warnings(tilts, spacing):
             warnings.simplefilter("error", GeometryWarning)
             back = read_image(path)
     _assert_same_grid(back, image, atol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open defect (issue 14): the same volume stored with all three axes flipped (3 x 1 x 1 mm "
+    "voxels) gives another score map; the slicing grid or its interpolation depends on the storage "
+    "order here, not yet understood",
+)
+def test_storage_order_of_a_flipped_anisotropic_axis_aligned_volume(net):
+    """The case hypothesis found (2026-12-01): 3 x 1 x 1 mm voxels, every axis flipped (LPS-like
+    storage), 12 x 13 x 13 int16 voxels."""
+    affine = np.diag([-3.0, -1.0, -1.0, 1.0])
+    ramp = np.add.outer(np.add.outer(np.arange(12) * 7, np.arange(13) * 11), np.arange(13) * 5)
+    data = (ramp - ramp.mean()).astype(np.int16)
+    _check_storage_order(net, affine, data)
