@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .files import (
     AtomicFileSet,
+    atomic_write,
     atomic_write_text,
     check_writable,
     lock_folder,
@@ -183,6 +184,8 @@ def _state_dict_in(data, source: str) -> dict:
 
 
 def _cmd_fit(args) -> int:
+    import shutil
+
     import torch
 
     from .engines.calibration import calibrate
@@ -207,7 +210,8 @@ def _cmd_fit(args) -> int:
                 raise FileExistsError(f"{str(output)!r} exists: pass --overwrite or another --output")
             output.parent.mkdir(parents=True, exist_ok=True)
             check_writable(output.parent)
-            output.write_bytes(source.read_bytes())
+            # the project's atomic write: a killed copy never leaves a half model.pt behind
+            atomic_write(output, lambda temporary: shutil.copyfile(source, temporary), overwrite=True)
     else:
         if not args.network:
             raise ValueError(

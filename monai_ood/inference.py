@@ -215,6 +215,12 @@ def _check_contrast(image: sitk.Image) -> None:
         )
 
 
+def _on_input(array: np.ndarray, grid: sitk.Image, image: sitk.Image, interpolator=sitk.sitkLinear):
+    """A function making ``array`` (on the model's ``grid``) into an image on the input's own grid: the
+    full-size outputs of :class:`ScoredImage` are made when read."""
+    return lambda: resample_to_reference(array_on_grid(array, grid), image, interpolator)
+
+
 def _score_2d(net, image, preprocessing: SlicePreprocessing, calibrator, batch_size, detector) -> ScoredImage:
     slices, _, grid = volume_to_slices(image, preprocessing)
     has_signal = slices.reshape(len(slices), -1).max(1) > 0
@@ -239,12 +245,9 @@ def _score_2d(net, image, preprocessing: SlicePreprocessing, calibrator, batch_s
             }
         )
 
-    def on_input(array, interpolator=sitk.sitkLinear):  # made when read (see ScoredImage)
-        return lambda: resample_to_reference(array_on_grid(array, grid), image, interpolator)
-
-    seg = on_input(out["segmentation"], sitk.sitkNearestNeighbor)
-    score_map = on_input(out["score_map"])
-    calibrated = None if calibrator is None else on_input(out["calibrated_map"])
+    seg = _on_input(out["segmentation"], grid, image, sitk.sitkNearestNeighbor)
+    score_map = _on_input(out["score_map"], grid, image)
+    calibrated = None if calibrator is None else _on_input(out["calibrated_map"], grid, image)
     return ScoredImage(
         segmentation=seg,
         score_map=score_map,
@@ -294,13 +297,10 @@ def _score_3d(
         for k in range(score_map.shape[0])
     ]
 
-    def on_input(array, interpolator=sitk.sitkLinear):  # made when read (see ScoredImage)
-        return lambda: resample_to_reference(array_on_grid(array, grid), image, interpolator)
-
     return ScoredImage(
-        segmentation=on_input(segmentation, sitk.sitkNearestNeighbor),
-        score_map=on_input(score_map),
-        calibrated_map=None if calibrated is None else on_input(calibrated),
+        segmentation=_on_input(segmentation, grid, image, sitk.sitkNearestNeighbor),
+        score_map=_on_input(score_map, grid, image),
+        calibrated_map=None if calibrated is None else _on_input(calibrated, grid, image),
         image_score=float(score_map.mean()),
         calibrated_degree=None if calibrated is None else float(calibrated.mean()),
         slices=rows,

@@ -288,12 +288,8 @@ class FusedDetector(Detector):
         if not maps:
             return None
         finest = max((m.shape[2:] for m in maps), key=lambda s: torch.Size(s).numel())
-        scales = self.map_scale_.to(maps[0].device) if self.map_scale_ is not None else None
-        total = 0.0
-        for t, m in enumerate(maps):
-            m = m.double() / (scales[t] if scales is not None else 1.0)
-            total = total + to_input_size(m, finest)
-        return total / len(maps)
+        scales = self.map_scale_.to(maps[0].device)
+        return sum(to_input_size(m.double() / scales[t], finest) for t, m in enumerate(maps)) / len(maps)
 
     def _raw_scores(self, items: Sequence[dict]) -> tuple[np.ndarray, list[np.ndarray]]:
         raws, map_values = [], []
@@ -341,7 +337,6 @@ class FusedDetector(Detector):
         self.num_train_ = count
 
         val = list(val_items) + warped_copies(val_items, self.seed + 1, self.warped_copies)
-        self.map_scale_ = None
         raw, maps = self._raw_scores(val)
         if not np.isfinite(raw).all():
             raise ValueError("the terms gave NaN or infinite scores on the validation images")
@@ -377,6 +372,12 @@ class FusedDetector(Detector):
         candidates = [(combo, rule) for combo in families for rule in FUSIONS]
         masks = {combo: torch.tensor([t.kind in combo for t in self.terms]) for combo in families}
         raw_val = torch.from_numpy(val_raw)
+        names = [_candidate_name(combo, rule) for combo, rule in candidates]
+        # the validation side of every AUROC does not depend on the op: fused once per candidate
+        inliers = {
+            name: self._fuse_masked(raw_val, rule, masks[combo]).numpy()
+            for name, (combo, rule) in zip(names, candidates, strict=True)
+        }
         table: dict[str, dict[str, float]] = {}
         for k, op in enumerate(self.selection_ops):
             synth = OutlierSynthesis(ops=(op,), prob=1.0)
@@ -386,10 +387,9 @@ class FusedDetector(Detector):
                 for i in val_items
             ]
             raw_op = torch.from_numpy(self._raw_scores(outliers)[0])
-            for combo, rule in candidates:
-                inl, out = (self._fuse_masked(r, rule, masks[combo]).numpy() for r in (raw_val, raw_op))
-                table.setdefault(_candidate_name(combo, rule), {})[op] = _auroc(inl, out)
-        names = [_candidate_name(combo, rule) for combo, rule in candidates]
+            for name, (combo, rule) in zip(names, candidates, strict=True):
+                outliers_fused = self._fuse_masked(raw_op, rule, masks[combo]).numpy()
+                table.setdefault(name, {})[op] = _auroc(inliers[name], outliers_fused)
         means = {name: float(np.mean(list(table[name].values()))) for name in names}
 
         def best_of(ops) -> int:

@@ -362,15 +362,7 @@ def _check_finite_checkpoint(data: Mapping[str, Any], source: str) -> None:
         )
     detector = data.get("detector")
     if isinstance(detector, Mapping):
-        terms = detector.get("terms")
-        bad = [
-            key
-            for i, term in enumerate(terms if isinstance(terms, (list, tuple)) else [])
-            if isinstance(term, Mapping)
-            for key in _non_finite_keys(term.get("state"), f"detector.terms[{i}].state")
-        ]
-        for name in ("loc", "scale", "weibull", "map_scale"):
-            bad += _non_finite_keys(detector.get(name), f"detector.{name}")
+        bad = _non_finite_keys(detector, "detector")  # every tensor and number it stores
         if bad:
             raise ValueError(
                 f"{source!r} is a damaged checkpoint: its stored detector holds NaN or Inf values "

@@ -78,8 +78,6 @@ def capture_features(
     missing = [name for name in layers if name not in captured]
     if missing:
         raise RuntimeError(f"layers {missing} were not called during {type(network).__name__}'s forward pass")
-    if output is not None and not run_to_end:
-        output = None
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         output = output[0]
     return output, captured
