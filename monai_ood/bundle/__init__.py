@@ -16,6 +16,7 @@ from JSON by dotted paths, so the pieces the prototype head needs beyond stock M
   :func:`require_checkpoint` and :func:`require_calibration` (clear messages before a run starts).
 """
 
+from ..engines.step import PrototypeOODTrainingStep, TrainingForward, fractional_epoch, training_losses
 from .calibration import (
     WeibullCalibrationHandler,
     load_calibration,
@@ -24,7 +25,6 @@ from .calibration import (
 )
 from .data import find_datalist, flag, inference_items, load_slices, slice_axcodes
 from .inferers import PrototypeOODInferer, ScoreMapInferer, unwrap_network
-from .training import PrototypeOODTrainingStep, TrainingForward, fractional_epoch, training_losses
 from .transforms import CalibrateOODScored, NormalizeSlicesd, SplitOODOutputd
 
 __all__ = [

@@ -20,7 +20,7 @@ import torch
 from monai.inferers import Inferer, SimpleInferer
 from torch import nn
 
-from .training import TrainingForward
+from ..engines.step import TrainingForward
 
 __all__ = ["PrototypeOODInferer", "ScoreMapInferer", "unwrap_network"]
 

@@ -3,7 +3,8 @@
 One run trains ``L = L_seg + lambda * L_out`` (:class:`~monai_ood.losses.SegOODLoss`) with AdamW and
 cosine annealing with warm restarts (the paper's AdamWR), on MONAI's engines:
 
-* :class:`monai.engines.SupervisedTrainer` with a custom iteration: ``net.forward_train(images,
+* :class:`monai.engines.SupervisedTrainer` with the one training step of every front-end
+  (:class:`~monai_ood.engines.step.PrototypeOODTrainingStep`): ``net.forward_train(images,
   outliers)`` runs the whole network on the InD batch and only the encoder on the outliers; the
   engine output holds ``loss``, ``seg_loss`` and ``ood_loss``.
 * :class:`monai.engines.SupervisedEvaluator` every ``val_interval`` epochs (``ValidationHandler``),
@@ -86,6 +87,7 @@ from .checkpoint import (
     save_model,
     save_training_state,
 )
+from .step import PrototypeOODTrainingStep, fractional_epoch
 
 __all__ = [
     "LOGGER_NAME",
@@ -538,42 +540,6 @@ def _greater_ignoring_nan(current: float, best: float) -> bool:
     return not math.isnan(current) and (math.isnan(best) or current > best)
 
 
-def _make_train_step(loss_fn: SegOODLoss, scaler: torch.amp.GradScaler, amp: bool, outliers_per_step: int):
-    """The ``iteration_update`` of the trainer: one InD batch + its outliers, one optimizer step."""
-
-    def step(engine: SupervisedTrainer, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        device = engine.state.device
-        images = batch["image"].to(device, non_blocking=engine.non_blocking)
-        labels = batch["label"].to(device, non_blocking=engine.non_blocking)
-        outliers = None
-        if outliers_per_step > 0:
-            outliers = batch["outlier"][:outliers_per_step].to(device, non_blocking=engine.non_blocking)
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=amp):
-            out = engine.network.forward_train(images, outliers)
-        # The chi-square terms of L_out need float32 even under autocast (from_train_output casts).
-        loss, parts = loss_fn.from_train_output(out, labels, return_components=True)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
-                f"seg {float(parts['seg'])}, ood {float(parts['ood'])}; try a lower learning_rate"
-            )
-        scaler.scale(loss).backward()
-        scaler.step(engine.optimizer)
-        scaler.update()
-        return {
-            "image": images,
-            "label": labels,
-            "pred": out.logits.detach(),
-            "loss": loss.detach(),
-            "seg_loss": parts["seg"],
-            "ood_loss": parts["ood"],
-        }
-
-    return step
-
-
 class _RunRecorder:
     """Epoch bookkeeping on the engines: history, best model (``model.pt``) and resume state (``last.pt``)."""
 
@@ -782,7 +748,7 @@ def _attach_handlers(
         scheduler,
         print_lr=False,
         epoch_level=False,
-        step_transform=lambda engine: (engine.state.iteration / engine.state.epoch_length,),
+        step_transform=fractional_epoch,
     ).attach(trainer)
     StatsHandler(
         name=LOGGER_NAME,
@@ -916,9 +882,11 @@ def train(
         network=net,
         optimizer=optimizer,
         loss_function=loss_fn,
-        iteration_update=_make_train_step(loss_fn, scaler, amp, config.outliers_per_step),
+        iteration_update=PrototypeOODTrainingStep(config.outliers_per_step),
+        amp=amp,
         decollate=False,  # the training output is only averaged, never post-processed per item
     )
+    trainer.scaler = scaler  # the step reads the engine's scaler; this one is saved in last.pt
     evaluator = _build_evaluator(net, val_loader, num_classes, device, amp)
     _attach_handlers(trainer, evaluator, scheduler, config.val_interval, progress)
     recorder = _RunRecorder(

@@ -1,10 +1,13 @@
-"""The training iteration of the bundles: one InD batch + its outliers, ``L_seg + lambda * L_out``.
+"""The one training step of every front-end: one InD batch + its outliers, ``L_seg + lambda * L_out``.
 
-MONAI's :class:`~monai.engines.SupervisedTrainer` takes an ``iteration_update`` callable; the bundles
-pass a :class:`PrototypeOODTrainingStep`, the same step as :mod:`monai_ood.engines.training` (the whole
-network on the InD batch, the encoder only on the outliers, the loss of
-:class:`~monai_ood.losses.SegOODLoss`), reading everything else from the engine (network, optimizer,
-loss function, AMP scaler), so it is configured in JSON like any trainer.
+MONAI's :class:`~monai.engines.SupervisedTrainer` takes an ``iteration_update`` callable;
+:class:`PrototypeOODTrainingStep` is it for ``monai-ood train`` (:mod:`monai_ood.engines.training`) and
+for the MONAI bundles (``configs/train.json``): the whole network on the InD batch, the encoder only on
+the outliers, the loss of :class:`~monai_ood.losses.SegOODLoss`, reading everything else from the engine
+(network, optimizer, loss function, AMP scaler), so it is configured in JSON like any trainer. The
+nnU-Net trainer keeps nnU-Net's own ``train_step`` (its deep-supervision loss) and adds the same outlier
+pass and ``L_out`` (:mod:`monai_ood.integrations.nnunet.trainer`). The learning-rate schedule of both
+is :func:`fractional_epoch` (the paper's AdamWR, stepped every iteration).
 
 Under ``DistributedDataParallel`` the training pass must go through DDP's own ``forward`` for the
 gradients to be synchronised, and :class:`~monai_ood.networks.PrototypeOODNet`'s ``forward`` returns
