@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import errno
-import io
 import json
 import os
 import sys
@@ -335,18 +333,6 @@ images. Then the fused map is calibrated. The result is a model.pt that `calibra
   monai-ood fit --checkpoint weights.pt --network segresnet \\
       --network-kwargs '{"init_filters": 8}' --num-classes 4 --output fitted/model.pt"""
 
-SCORE_FIELDS = [
-    "input",
-    "status",
-    "error",
-    "level",
-    "slice",
-    "position_mm",
-    "has_signal",
-    "foreground_fraction",
-    "image_score",
-    "calibrated_degree",
-]
 SCORE_DESCRIPTION = """\
 Segment and score images. Inputs: NIfTI (.nii/.nii.gz), NRRD, MetaImage files, DICOM files or series
 folders, or folders of them; 2D or 3D, any orientation and spacing. The checkpoint's preprocessing is
@@ -371,85 +357,6 @@ exit status:
 _NOT_SCORED = "not scored yet: the run stopped before this input (or is still running); re-run with --resume"
 # what an input or its environment can cause: one line in the table; anything else is a bug (traceback)
 _INPUT_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)
-
-
-class _ScoreTable:
-    """The score table of an output folder: ``scores.json`` (read back by ``--resume``) and ``scores.csv``.
-
-    One volume row per input with its ``status``: ``ok`` (its maps are all in place, with the scores),
-    ``failed`` (with the ``error``), ``skipped`` (not scored yet); the slice rows of ``ok`` inputs. Rows
-    are keyed by the input's output stem, which names its maps in the folder, and keep their place when
-    re-scored. An input's maps are written before its row says ``ok``, and both files are replaced
-    atomically, so the table never claims more than the folder holds.
-    """
-
-    def __init__(self, output: Path) -> None:
-        self.json_path = output / "scores.json"
-        self.csv_path = output / "scores.csv"
-        self.rows: dict[str, dict] = {}
-        self.slices: dict[str, list[dict]] = {}
-
-    def read(self, strict: bool) -> None:
-        """Load ``scores.json`` if there is one; an unreadable table is an error if ``strict``, else ignored."""
-        from .io import output_stem
-
-        if not self.json_path.exists():
-            return
-        try:
-            data = json.loads(self.json_path.read_text(encoding="utf-8"))
-            slices: dict[str, list[dict]] = {}
-            for row in data.get("slices", []):
-                slices.setdefault(row["input"], []).append(row)
-            for row in data["volumes"]:
-                # tables without a status were written only once every input had succeeded
-                rest = {key: value for key, value in row.items() if key not in ("input", "status", "error")}
-                full = {"input": row["input"], "status": row.get("status", "ok"), "error": row.get("error")}
-                stem = output_stem(row["input"])
-                self.rows[stem] = {**full, **rest}
-                self.slices[stem] = slices.get(row["input"], [])
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            if strict:
-                raise ValueError(
-                    f"{str(self.json_path)!r} is not a score table monai-ood can read ({error}); move it "
-                    "away, or pass --overwrite instead of --resume to replace the outputs"
-                ) from error
-            self.rows, self.slices = {}, {}
-
-    def set(self, stem: str, row: dict, slices: Sequence[dict] = ()) -> None:
-        self.rows[stem] = row
-        self.slices[stem] = list(slices)
-
-    def write(self) -> None:
-        """Rewrite both files atomically (a file whose content would not change is left alone)."""
-        volumes = list(self.rows.values())
-        slices = [row for stem in self.rows for row in self.slices[stem]]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=SCORE_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in volumes:
-            writer.writerow({**row, "level": "volume"})
-        for row in slices:
-            writer.writerow({**row, "status": "ok", "level": "slice"})
-        # the CSV first: scores.json, which --resume trusts, never gets ahead of the folder
-        for path, text in (
-            (self.csv_path, buffer.getvalue()),
-            (self.json_path, json.dumps({"volumes": volumes, "slices": slices}, indent=2)),
-        ):
-            if not (path.is_file() and path.read_bytes() == text.encode("utf-8")):
-                atomic_write_text(path, text, overwrite=True)
-
-
-def _volume_row(
-    path: Path, status: str, paths: dict[str, Path], error: str | None = None, scored=None
-) -> dict:
-    return {
-        "input": str(path),
-        "status": status,
-        "error": error,
-        "image_score": None if scored is None else scored.image_score,
-        "calibrated_degree": None if scored is None else scored.calibrated_degree,
-        **{key: str(value) if status == "ok" else None for key, value in paths.items()},
-    }
 
 
 def _same_input(recorded: str, path: Path) -> bool:
@@ -556,6 +463,7 @@ def _cmd_score(args) -> int:
     from .engines.checkpoint import load_model
     from .inference import score_image
     from .io import find_inputs, output_stem, read_image
+    from .io.tables import ScoreTable, volume_row
     from .preprocessing import SlicePreprocessing
 
     inputs = [p for path in args.inputs for p in find_inputs(path)]
@@ -565,6 +473,9 @@ def _cmd_score(args) -> int:
         if not isinstance(preprocessing, SlicePreprocessing):
             raise ValueError("--axis applies to 2D models only")
         preprocessing = replace(preprocessing, axis=args.axis)
+    if loaded.calibration_error is not None:
+        # a stale calibration would make A_xi of the wrong scale: refuse rather than skip it silently
+        raise ValueError(loaded.calibration_error.replace("calibrate again", "run `monai-ood calibrate`"))
     if loaded.calibrator is None:
         print("note: the checkpoint has no calibration; A_xi maps are skipped (run `monai-ood calibrate`)")
     output = Path(args.output)
@@ -578,7 +489,7 @@ def _cmd_score(args) -> int:
         if loaded.calibrator is not None:
             names["calibrated_map"] = f"{stem}_score_calibrated{suffix}"
         planned[path] = {key: output / name for key, name in names.items()}
-    table = _ScoreTable(output)
+    table = ScoreTable(output)
     # refuse before any work: a half-done output folder helps no one
     targets = [t for paths in planned.values() for t in paths.values()] + [table.csv_path, table.json_path]
     input_paths = {Path(p).resolve() for p in inputs}
@@ -614,11 +525,11 @@ def _cmd_score(args) -> int:
                     continue  # complete: kept as it is
             if row is None or row["status"] == "ok" or not _same_input(row["input"], path):
                 # no longer ok before its maps are touched; a failed row stays until the retry's outcome
-                table.set(stem, _volume_row(path, "skipped", paths, _NOT_SCORED))
+                table.set(stem, volume_row(path, "skipped", paths, _NOT_SCORED))
             todo.append(path)
 
         def fail(path: Path, message: str) -> None:
-            table.set(stems[path], _volume_row(path, "failed", planned[path], message))
+            table.set(stems[path], volume_row(path, "failed", planned[path], message))
             shown = message if str(path) in message else f"{str(path)!r}: {message}"
             tqdm.write(f"monai-ood score: failed: {shown}", file=sys.stderr)
 
@@ -676,12 +587,12 @@ def _cmd_score(args) -> int:
                     save(path)
                     continue
                 except OSError as error:  # the folder takes no more writes: every later input would fail too
-                    table.set(stem, _volume_row(path, "failed", paths, _error_line(error)))
+                    table.set(stem, volume_row(path, "failed", paths, _error_line(error)))
                     with contextlib.suppress(OSError):
                         table.write()
                     raise _Stopped(path, error, done, len(todo)) from error
                 slices = [{"input": str(path), **row} for row in scored.slices]
-                table.set(stem, _volume_row(path, "ok", paths, scored=scored), slices)
+                table.set(stem, volume_row(path, "ok", paths, scored=scored), slices)
                 save(path)
                 done += 1
         except _Stopped as stop:

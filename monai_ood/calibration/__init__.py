@@ -1,3 +1,4 @@
+from .record import CALIBRATION_FORMAT, CALIBRATION_VERSION, Calibration, fingerprint
 from .weibull import WeibullCalibrator
 
-__all__ = ["WeibullCalibrator"]
+__all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "Calibration", "WeibullCalibrator", "fingerprint"]

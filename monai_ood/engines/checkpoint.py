@@ -46,7 +46,7 @@ from monai.transforms import Randomizable, Transform
 from torch import nn
 
 from .. import __version__
-from ..calibration import WeibullCalibrator
+from ..calibration import Calibration, WeibullCalibrator, fingerprint
 from ..files import atomic_write
 from ..networks.presets import create_prototype_network
 from ..preprocessing import SlicePreprocessing, VolumePreprocessing, preprocessing_from_dict
@@ -60,12 +60,15 @@ __all__ = [
     "capture_rng_state",
     "cpu_state_dict",
     "load_model",
+    "model_map",
     "load_training_state",
     "make_model_config",
     "resolve_device",
     "restore_rng_state",
     "save_model",
     "save_training_state",
+    "load_detector",
+    "save_detector",
     "set_calibration",
     "set_detector",
     "set_weights",
@@ -229,13 +232,18 @@ class LoadedModel:
         model_config: the arguments it was built from (see :func:`make_model_config`).
         preprocessing: how its inputs are made (:class:`~monai_ood.preprocessing.SlicePreprocessing` or
             :class:`~monai_ood.preprocessing.VolumePreprocessing`).
-        calibrator: the fitted :class:`~monai_ood.calibration.WeibullCalibrator`, or ``None``.
+        calibrator: the fitted :class:`~monai_ood.calibration.WeibullCalibrator` of the model's map, or
+            ``None`` (none stored, or the stored one is stale: see ``calibration_error``).
         class_names: names of the output classes, or ``None``.
         metrics: what was recorded with the model (e.g. its validation Dice and epoch).
         path: the file it was read from.
         detector: the fitted :class:`~monai_ood.detectors.FusedDetector` on the network's backbone (the
             image score, map and segmentation of ``monai-ood score``), or ``None``: then the prototype
             head scores.
+        calibration: the stored :class:`~monai_ood.calibration.Calibration` record (``calibrator`` is its
+            Weibull) when it calibrates this model's map with these weights, else ``None``.
+        calibration_error: why a stored calibration was not taken (another format version, another map,
+            other weights), in one line that says to calibrate again; ``None`` otherwise.
     """
 
     net: nn.Module
@@ -246,6 +254,26 @@ class LoadedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     detector: Any = None
+    calibration: Calibration | None = None
+    calibration_error: str | None = None
+
+
+def model_map(detector: Any) -> str:
+    """The name of the map a model scores with: ``"fused"`` (its detector's) or ``"head"`` (the paper's)."""
+    return "head" if detector is None else "fused"
+
+
+def _calibration_record(
+    calibration: Calibration | WeibullCalibrator | None, state_dict: Any, detector_state: Any
+) -> dict[str, Any] | None:
+    """The record stored under ``calibration``: a bare Weibull fit is bound to these weights and detector."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, WeibullCalibrator):
+        calibration = Calibration(
+            calibration, model_map(detector_state), fingerprint(state_dict, detector_state), "cli"
+        )
+    return calibration.to_dict()
 
 
 def cpu_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -270,7 +298,8 @@ def save_model(
         net: the trained network (its ``state_dict`` is stored on the CPU).
         model_config: from :func:`make_model_config`.
         preprocessing: the preprocessing object (or its ``to_dict()``).
-        calibration: a fitted Weibull calibrator, or ``None``.
+        calibration: a :class:`~monai_ood.calibration.Calibration` of this model's map, or a fitted Weibull
+            calibrator (recorded as calibrating the map of ``net`` with ``detector``), or ``None``.
         class_names: one name per output class, or ``None``.
         metrics: plain values to record (numbers, strings, lists, dicts).
         detector: a fitted :class:`~monai_ood.detectors.FusedDetector` on ``net``, or ``None``.
@@ -296,12 +325,15 @@ def save_model(
         "preprocessing": dict(preprocessing)
         if isinstance(preprocessing, Mapping)
         else preprocessing.to_dict(),
-        "calibration": calibration.to_dict() if calibration is not None else None,
+        "calibration": None,
         "class_names": class_names,
         "metrics": dict(metrics or {}),
         "detector": None if detector is None else detector.to_state(),
         "monai_ood_version": __version__,
     }
+    checkpoint["calibration"] = _calibration_record(
+        calibration, checkpoint["state_dict"], checkpoint["detector"]
+    )
     return _atomic_save(checkpoint, path)
 
 
@@ -414,9 +446,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     net.to(device).eval()
     try:
         preprocessing = preprocessing_from_dict(data["preprocessing"])
-        calibrator = None if data["calibration"] is None else WeibullCalibrator.from_dict(data["calibration"])
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{source!r}: invalid preprocessing or calibration entry: {err}") from err
+        raise ValueError(f"{source!r}: invalid preprocessing entry: {err}") from err
     detector = None
     if data.get("detector") is not None:
         from ..detectors.fused import FusedDetector  # deferred: detectors import the engines' neighbours
@@ -425,15 +456,27 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
             detector = FusedDetector.from_state(net, data["detector"])
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{source!r}: invalid detector entry: {err}") from err
+    calibration, calibration_error = None, None
+    if data["calibration"] is not None:
+        try:
+            calibration = Calibration.from_dict(data["calibration"], f"the calibration in {source!r}").check(
+                model_map(detector),
+                fingerprint(data["state_dict"], data.get("detector")),
+                f"the calibration in {source!r}",
+            )
+        except ValueError as err:
+            calibration_error = str(err)
     return LoadedModel(
         net=net,
         model_config=config,
         preprocessing=preprocessing,
-        calibrator=calibrator,
+        calibrator=None if calibration is None else calibration.weibull,
         class_names=None if data["class_names"] is None else list(data["class_names"]),
         metrics=dict(data.get("metrics") or {}),
         path=Path(path),
         detector=detector,
+        calibration=calibration,
+        calibration_error=calibration_error,
     )
 
 
@@ -468,8 +511,44 @@ def set_detector(path: str | os.PathLike, detector: Any) -> Path:
     return _atomic_save(data, path)
 
 
-def set_calibration(path: str | os.PathLike, calibrator: WeibullCalibrator | None) -> Path:
-    """Store ``calibrator`` in the model checkpoint at ``path`` (rewritten atomically; ``None`` removes it).
+def save_detector(path: str | os.PathLike, detector: Any) -> Path:
+    """Write a fitted :class:`~monai_ood.detectors.FusedDetector` as its own file (atomically), for the
+    front-ends whose weights live elsewhere: the bundles (``models/detector.pt``) and nnU-Net
+    (``fold_<f>/ood_detector.pt``). ``monai-ood`` models keep it inside ``model.pt`` (:func:`set_detector`).
+    """
+    state = detector.to_state()
+    bad = _non_finite_keys(state, "detector")
+    if bad:
+        raise ValueError(f"the detector holds NaN or Inf values ({_shown(bad)}): its fit went wrong")
+    return _atomic_save(state, path)
+
+
+def load_detector(path: str | os.PathLike, network: nn.Module) -> Any:
+    """The detector written by :func:`save_detector`, rebuilt on ``network`` (read with ``weights_only``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an unreadable or foreign file, NaN or Inf values, or a detector whose layers
+            ``network`` does not have.
+    """
+    from ..detectors.fused import DETECTOR_FORMAT, FusedDetector
+
+    state = _load_dict(path, DETECTOR_FORMAT)
+    bad = _non_finite_keys(state, "detector")
+    if bad:
+        raise ValueError(
+            f"{str(path)!r} holds NaN or Inf values ({_shown(bad)}): its fit went wrong; fit the detector again"
+        )
+    try:
+        return FusedDetector.from_state(network, state)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{str(path)!r} does not fit this network: {err}") from err
+
+
+def set_calibration(path: str | os.PathLike, calibrator: Calibration | WeibullCalibrator | None) -> Path:
+    """Store ``calibrator`` in the model checkpoint at ``path`` (rewritten atomically; ``None`` removes it):
+    a :class:`~monai_ood.calibration.Calibration`, or a Weibull fit of the stored model's map (recorded
+    with the stored weights' and detector's fingerprint).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -477,7 +556,7 @@ def set_calibration(path: str | os.PathLike, calibrator: WeibullCalibrator | Non
         NotFittedError: if ``calibrator`` is not fitted.
     """
     data = _load_dict(path, MODEL_FORMAT)
-    data["calibration"] = calibrator.to_dict() if calibrator is not None else None
+    data["calibration"] = _calibration_record(calibrator, data["state_dict"], data.get("detector"))
     return _atomic_save(data, path)
 
 

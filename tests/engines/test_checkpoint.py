@@ -122,6 +122,28 @@ def test_set_calibration_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+def test_a_calibration_of_other_weights_or_another_map_is_not_applied(tmp_path):
+    from monai_ood.engines.checkpoint import set_weights
+
+    config = _config()
+    net = _trained_looking_net(config)
+    path = save_model(tmp_path / "model.pt", net, config, SlicePreprocessing(), calibration=_fitted_calibrator())
+    loaded = load_model(path, device="cpu")
+    assert loaded.calibration.map == "head" and loaded.calibration_error is None
+    assert loaded.calibration.front_end == "cli"
+    with torch.no_grad():  # retrained (or refitted) weights: the stored Weibull calibrated another map
+        next(net.parameters()).view(-1)[0] += 0.5
+    set_weights(path, net)
+    stale = load_model(path, device="cpu")
+    assert stale.calibrator is None and stale.calibration is None
+    assert "other weights" in stale.calibration_error and "calibrate again" in stale.calibration_error
+    data = torch.load(path, weights_only=True)
+    data["calibration"] = _fitted_calibrator().to_dict()  # the bare Weibull dict of earlier versions
+    torch.save(data, path)
+    old = load_model(path, device="cpu")
+    assert old.calibrator is None and "bare Weibull" in old.calibration_error
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_model(tmp_path / "nope.pt", device="cpu")
