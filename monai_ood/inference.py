@@ -267,10 +267,13 @@ def _score_3d(
         sitk.GetArrayFromImage(to_grid(image, grid)), preprocessing.percentiles, per_slice=False
     )
     num_classes = net.num_classes
+    window_scores: list[torch.Tensor] = []
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        # one tensor out, so MONAI's window stitching keeps working: [logits, upsampled A]
-        logits, _, upsampled, _ = _forward(net, detector, x)
+        # one tensor out, so MONAI's window stitching keeps working: [logits, upsampled A]; the windows'
+        # image scores (the detector's or the head's, on the scale of the 2D scores) are kept aside
+        logits, _, upsampled, image_score = _forward(net, detector, x)
+        window_scores.append(image_score.detach().float().reshape(-1).cpu())
         return torch.cat([logits.float(), upsampled.float()], dim=1)
 
     net.eval()
@@ -281,8 +284,11 @@ def _score_3d(
     segmentation = stitched[:num_classes].argmax(0).to(torch.uint8).cpu().numpy()
     score_map = stitched[num_classes].cpu().numpy().astype(np.float32)
     calibrated = None if calibrator is None else calibrator.transform(score_map).astype(np.float32)
+    # the volume's image score: the mean of its windows' image scores (as a 2D volume's is the mean of
+    # its slices'), so a 3D score reads on the same scale as the detector's score of one input
+    image_score = float(torch.cat(window_scores).double().mean())
     _check_finite_outputs(
-        np.asarray([score_map.mean()]), {"score map": score_map, "calibrated map": calibrated}
+        np.asarray([image_score]), {"score map": score_map, "calibrated map": calibrated}
     )
     positions = slice_positions(grid)
     rows = [
@@ -301,7 +307,7 @@ def _score_3d(
         segmentation=_on_input(segmentation, grid, image, sitk.sitkNearestNeighbor),
         score_map=_on_input(score_map, grid, image),
         calibrated_map=None if calibrated is None else _on_input(calibrated, grid, image),
-        image_score=float(score_map.mean()),
+        image_score=image_score,
         calibrated_degree=None if calibrated is None else float(calibrated.mean()),
         slices=rows,
     )
