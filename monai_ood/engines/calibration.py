@@ -128,4 +128,5 @@ def refit(
 
     pairs = zip(_batches(train_items, batch_size), _batches(train_items, batch_size, "label"), strict=True)
     loaded.net.refit(((torch.from_numpy(x), torch.from_numpy(y)) for x, y in pairs), prototypes=prototypes)
-    set_weights(checkpoint_path, loaded.net)
+    # the marker a resumed run reads: a refit that crashed is run again, a finished one is not
+    set_weights(checkpoint_path, loaded.net, metrics={"refitted": True})

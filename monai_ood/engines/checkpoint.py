@@ -480,9 +480,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     )
 
 
-def set_weights(path: str | os.PathLike, net: nn.Module) -> Path:
+def set_weights(path: str | os.PathLike, net: nn.Module, metrics: Mapping[str, Any] | None = None) -> Path:
     """Replace the weights (state dict) in the model checkpoint at ``path`` (rewritten atomically), e.g.
-    after post-hoc fitting of the prototypes; everything else in the file is kept.
+    after post-hoc fitting of the prototypes, and add ``metrics`` to its recorded ones; everything else
+    in the file is kept.
 
     Raises:
         FileNotFoundError, ValueError: if ``path`` is missing or not a monai-ood model checkpoint, or if
@@ -494,6 +495,8 @@ def set_weights(path: str | os.PathLike, net: nn.Module) -> Path:
     if set(state) != set(stored) or any(state[k].shape != stored[k].shape for k in state):
         raise ValueError(f"set_weights: the network does not match the one stored in {str(path)!r}")
     data["state_dict"] = state
+    if metrics:
+        data["metrics"] = {**dict(data.get("metrics") or {}), **dict(metrics)}
     return _atomic_save(data, path)
 
 

@@ -80,6 +80,7 @@ from .checkpoint import (
     build_network,
     capture_rng_state,
     cpu_state_dict,
+    load_model,
     load_training_state,
     make_model_config,
     resolve_device,
@@ -926,8 +927,11 @@ def train(
         # No validation ran (val_interval > max_epochs): the final weights are the only model there is.
         warnings.warn(f"no validation ran, so {best_path} holds the final weights", stacklevel=2)
         save_final_weights(None)
-    if trained and (config.refit or net.gaussian_term):
-        # after model.pt exists in every case (also when no validation ran)
+    if (config.refit or net.gaussian_term) and (
+        trained or not load_model(best_path, device="cpu").metrics.get("refitted")
+    ):
+        # after model.pt exists in every case (also when no validation ran); a resumed finished run
+        # whose refit did not complete (a crash, a kill) refits now
         from .calibration import refit
 
         refit(best_path, train_items, prototypes=config.refit, device=device)

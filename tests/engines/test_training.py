@@ -382,3 +382,27 @@ def test_default_head_is_refitted_even_when_no_validation_ran(data, tmp_path):
     with pytest.warns(UserWarning, match="no validation ran"):
         result = train(train_items, val_items, config, tmp_path, PREPROCESSING, progress=False)
     assert bool(load_model(result.best_checkpoint, device="cpu").net.gaussian_fitted)
+
+
+def test_resume_of_a_finished_run_redoes_a_refit_that_crashed(data, tmp_path, monkeypatch):
+    import monai_ood.engines.calibration as calibration
+
+    train_items, val_items = data
+    config = _config(head_config="default", max_epochs=1)
+    real_refit = calibration.refit
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed during the refit")
+
+    monkeypatch.setattr(calibration, "refit", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(train_items, val_items, config, tmp_path, PREPROCESSING, progress=False)
+    before = load_model(tmp_path / "model.pt", device="cpu")
+    assert not bool(before.net.gaussian_fitted) and "refitted" not in before.metrics
+    calls = []
+    monkeypatch.setattr(calibration, "refit", lambda *a, **k: calls.append(1) or real_refit(*a, **k))
+    train(train_items, val_items, config, tmp_path, PREPROCESSING, resume=True, progress=False)
+    after = load_model(tmp_path / "model.pt", device="cpu")
+    assert calls == [1] and bool(after.net.gaussian_fitted) and after.metrics["refitted"] is True
+    train(train_items, val_items, config, tmp_path, PREPROCESSING, resume=True, progress=False)
+    assert calls == [1]  # a finished refit is not run again
