@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from monai_ood.benchmark.harness import MEAN_CATEGORIES, benchmark_sets, detector_scorer, evaluate
+from monai_ood.benchmark.pool import CLASS_NAMES as POOL_CLASS_NAMES
 from monai_ood.benchmark.pool import load_brain_dataset
 from monai_ood.engines.checkpoint import build_network, load_model, make_model_config
 from monai_ood.engines.training import TrainingConfig, train
@@ -78,7 +79,7 @@ PRESETS = {
         "num_workers": 2,
     },
 }
-CLASS_NAMES = ["background", "CSF", "grey matter", "white matter"]
+CLASS_NAMES = list(POOL_CLASS_NAMES)
 BATCH_SIZE = 8
 METHODS = (
     "default (fused)",

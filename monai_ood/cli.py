@@ -57,8 +57,6 @@ def _load_items(args, split: str, preprocessing):
 
 # ---------------------------------------------------------------- train
 
-BRAIN_CLASS_NAMES = ["background", "CSF", "grey matter", "white matter"]
-
 
 def _check_classes_present(train_items, num_classes: int, datalist: str) -> None:
     """Refuse a --num-classes that the training labels do not use: a class absent from every training
@@ -85,6 +83,7 @@ def _check_classes_present(train_items, num_classes: int, datalist: str) -> None
 
 
 def _cmd_train(args) -> int:
+    from .benchmark.pool import CLASS_NAMES as BRAIN_CLASS_NAMES
     from .engines.calibration import calibrate
     from .engines.training import TrainingConfig, train
     from .preprocessing import SlicePreprocessing
@@ -128,7 +127,7 @@ def _cmd_train(args) -> int:
     if args.datalist:
         _check_classes_present(train_items, args.num_classes, args.datalist)
     val_items = _load_items(args, "validation", preprocessing)
-    class_names = BRAIN_CLASS_NAMES if not args.datalist else None
+    class_names = list(BRAIN_CLASS_NAMES) if not args.datalist else None
     print(
         f"training {args.preset} + prototype head on {len(train_items)} slices, validating on {len(val_items)}"
     )

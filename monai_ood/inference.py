@@ -287,9 +287,7 @@ def _score_3d(
     # the volume's image score: the mean of its windows' image scores (as a 2D volume's is the mean of
     # its slices'), so a 3D score reads on the same scale as the detector's score of one input
     image_score = float(torch.cat(window_scores).double().mean())
-    _check_finite_outputs(
-        np.asarray([image_score]), {"score map": score_map, "calibrated map": calibrated}
-    )
+    _check_finite_outputs(np.asarray([image_score]), {"score map": score_map, "calibrated map": calibrated})
     positions = slice_positions(grid)
     rows = [
         {

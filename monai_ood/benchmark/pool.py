@@ -157,7 +157,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "MONAI_OOD_CACHE"
-CLASS_NAMES = ("background", "csf", "grey_matter", "white_matter")
+#: the embedded data's classes, spelled once for every front-end, table and viewer
+CLASS_NAMES = ("background", "CSF", "grey matter", "white matter")
 NUM_CLASSES = len(CLASS_NAMES)
 SPLITS = ("train", "validation", "test")
 SLAB_PATTERN = ("train", "train", "train", "validation", "test")

@@ -808,7 +808,7 @@ def train(
 
     Example:
         >>> result = train(train_items, val_items, TrainingConfig(max_epochs=20), "runs/brain",
-        ...                SlicePreprocessing(), class_names=["background", "CSF", "GM", "WM"])
+        ...                SlicePreprocessing(), class_names=["background", "CSF", "grey matter", "white matter"])
         >>> result.best_checkpoint
         PosixPath('runs/brain/model.pt')
     """

@@ -14,7 +14,6 @@ from monai_ood.io.images import (
     write_image,
 )
 from monai_ood.io.slicer import (
-    BRAIN_CLASS_NAMES,
     default_class_names,
     heatmap_colors,
     heatmap_ctbl,
@@ -25,7 +24,6 @@ from monai_ood.io.slicer import (
 )
 
 __all__ = [
-    "BRAIN_CLASS_NAMES",
     "DICOM_SUFFIXES",
     "GeometryWarning",
     "IMAGE_SUFFIXES",

@@ -27,7 +27,6 @@ import numpy as np
 from monai_ood.io.images import atomic_write
 
 __all__ = [
-    "BRAIN_CLASS_NAMES",
     "default_class_names",
     "heatmap_colors",
     "heatmap_ctbl",
@@ -37,7 +36,6 @@ __all__ = [
     "write_slicer_files",
 ]
 
-BRAIN_CLASS_NAMES = ("background", "CSF", "GM", "WM")
 
 # matplotlib's coolwarm sampled at 17 evenly spaced points (0-255 RGB): a piecewise-linear copy keeps
 # this module free of matplotlib and stays within 8 units (of 255) of the original on every channel.
@@ -124,7 +122,10 @@ def label_colors(num_classes: int) -> np.ndarray:
 
 
 def default_class_names(num_classes: int) -> list[str]:
-    """``background, CSF, GM, WM`` for 4 classes; otherwise ``background, class_1, ...``."""
+    """The embedded data's class names (:data:`monai_ood.benchmark.pool.CLASS_NAMES`) for 4 classes;
+    otherwise ``background, class_1, ...``."""
+    from ..benchmark.pool import CLASS_NAMES as BRAIN_CLASS_NAMES
+
     if num_classes == len(BRAIN_CLASS_NAMES):
         return list(BRAIN_CLASS_NAMES)
     return ["background"] + [f"class_{k}" for k in range(1, num_classes)]
@@ -151,9 +152,7 @@ def heatmap_ctbl() -> str:
 def _check_class_names(num_classes: int, class_names: Sequence[str] | None) -> list[str]:
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2 (background and one class), got {num_classes!r}")
-    if class_names is None:
-        return default_class_names(num_classes)
-    names = [str(name) for name in class_names]
+    names = [str(name) for name in (default_class_names(num_classes) if class_names is None else class_names)]
     if len(names) != num_classes:
         raise ValueError(f"expected {num_classes} class names, got {len(names)}: {names!r}")
     if any(not name.strip() for name in names):

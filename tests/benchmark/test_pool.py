@@ -554,9 +554,9 @@ def test_write_pool_report(tmp_path):
     assert written["volumes"].keys() == {"colin27"} and "files" not in written
     entry = written["volumes"]["colin27"]
     dice = entry["dice_carried_vs_refined"]
-    assert set(dice) == {"csf", "grey_matter", "white_matter", "mean"} and 0 < dice["mean"] < 1
+    assert set(dice) == {"CSF", "grey matter", "white matter", "mean"} and 0 < dice["mean"] < 1
     assert dice["mean"] == pytest.approx(
-        np.mean([dice["csf"], dice["grey_matter"], dice["white_matter"]]), abs=1e-4
+        np.mean([dice["CSF"], dice["grey matter"], dice["white matter"]]), abs=1e-4
     )
     assert entry["gmm"]["converged"] and entry["gmm"]["means"] == sorted(entry["gmm"]["means"])
     aal = written["aal_check"]

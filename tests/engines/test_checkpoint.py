@@ -127,7 +127,9 @@ def test_a_calibration_of_other_weights_or_another_map_is_not_applied(tmp_path):
 
     config = _config()
     net = _trained_looking_net(config)
-    path = save_model(tmp_path / "model.pt", net, config, SlicePreprocessing(), calibration=_fitted_calibrator())
+    path = save_model(
+        tmp_path / "model.pt", net, config, SlicePreprocessing(), calibration=_fitted_calibrator()
+    )
     loaded = load_model(path, device="cpu")
     assert loaded.calibration.map == "head" and loaded.calibration_error is None
     assert loaded.calibration.front_end == "cli"

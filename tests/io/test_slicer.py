@@ -70,8 +70,8 @@ def test_ctbl_texts_parse_like_slicer():
     assert [(index, name) for index, name, _ in labels] == [
         (0, "background"),
         (1, "CSF"),
-        (2, "GM"),
-        (3, "WM"),
+        (2, "grey_matter"),
+        (3, "white_matter"),
     ]
     assert labels[0][2][3] == 0  # transparent background
     named = _parse_ctbl(labels_ctbl(3, ["background", "grey matter", "white\tmatter"]))
