@@ -1,7 +1,8 @@
 """OOD detectors with one contract (:class:`Detector`: ``fit`` / ``predict``, higher = more OOD), and the
 scoring terms they fuse (:mod:`.terms`: ``fit_features`` / ``predict_features`` on one shared pass).
 
-Each method is one file; :data:`DETECTORS` maps the benchmark's names to the classes.
+Each method is one file plus one entry of :data:`DETECTORS` (name -> class): stored detectors are rebuilt
+through it (:func:`monai_ood.engines.checkpoint.detector_from_state`).
 """
 
 from .autoencoder import AutoencoderDetector

@@ -1,7 +1,7 @@
 """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017), per pixel, aggregated over the foreground.
 
-Also home of the plumbing the post-hoc detectors share (:func:`eval_mode`, :func:`segmentation_logits`,
-:func:`to_input_size`, :func:`module_device`).
+The plumbing the post-hoc detectors share (:func:`~monai_ood.detectors.base.eval_mode`,
+:func:`~monai_ood.detectors.base.segmentation_logits`, ...) lives in :mod:`monai_ood.detectors.base`.
 """
 
 from __future__ import annotations

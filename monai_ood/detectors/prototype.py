@@ -11,8 +11,11 @@ __all__ = ["PrototypeDetector"]
 
 
 class PrototypeDetector(Detector):
-    """Image score ``||A(x)||_1 / (feature pixels)`` and map ``A(x)`` upsampled, from a trained
-    :class:`~monai_ood.networks.PrototypeOODNet`. Needs no fitting: the head was trained with the network.
+    """The image score and map ``A(x)`` (upsampled) of a trained :class:`~monai_ood.networks.PrototypeOODNet`:
+    the score is the network's own aggregation of ``A`` (its ``aggregation``: the mean over feature
+    pixels, the paper's ``||A(x)||_1 / (feature pixels)``, a quantile or the foreground mean; with
+    score terms, their Weibull-hazard combination). Needs no fitting: the head was trained with the
+    network.
 
     One encoder-only pass (:meth:`PrototypeOODNet.ood`): the decoder is not needed for the score.
     """

@@ -67,6 +67,7 @@ __all__ = [
     "restore_rng_state",
     "save_model",
     "save_training_state",
+    "detector_from_state",
     "load_detector",
     "save_detector",
     "set_calibration",
@@ -450,10 +451,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         raise ValueError(f"{source!r}: invalid preprocessing entry: {err}") from err
     detector = None
     if data.get("detector") is not None:
-        from ..detectors.fused import FusedDetector  # deferred: detectors import the engines' neighbours
-
         try:
-            detector = FusedDetector.from_state(net, data["detector"])
+            detector = detector_from_state(net, data["detector"])
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{source!r}: invalid detector entry: {err}") from err
     calibration, calibration_error = None, None
@@ -514,6 +513,22 @@ def set_detector(path: str | os.PathLike, detector: Any) -> Path:
     return _atomic_save(data, path)
 
 
+def detector_from_state(network: nn.Module, state: Mapping[str, Any]) -> Any:
+    """Rebuild a stored detector on ``network``: its class is looked up by the stored ``name`` in the
+    detector registry (:data:`monai_ood.detectors.DETECTORS`), so a new storable detector needs only its
+    registry entry and ``to_state`` / ``from_state``."""
+    from ..detectors import DETECTORS  # deferred: the detectors import the engines' neighbours
+
+    name = state.get("name") if isinstance(state, Mapping) else None
+    cls = DETECTORS.get(name)
+    if cls is None or not hasattr(cls, "from_state"):
+        storable = sorted(key for key, value in DETECTORS.items() if hasattr(value, "from_state"))
+        raise ValueError(
+            f"the stored detector {name!r} is not one monai-ood can rebuild (storable: {storable})"
+        )
+    return cls.from_state(network, state)
+
+
 def save_detector(path: str | os.PathLike, detector: Any) -> Path:
     """Write a fitted :class:`~monai_ood.detectors.FusedDetector` as its own file (atomically), for the
     front-ends whose weights live elsewhere: the bundles (``models/detector.pt``) and nnU-Net
@@ -534,7 +549,7 @@ def load_detector(path: str | os.PathLike, network: nn.Module) -> Any:
         ValueError: an unreadable or foreign file, NaN or Inf values, or a detector whose layers
             ``network`` does not have.
     """
-    from ..detectors.fused import DETECTOR_FORMAT, FusedDetector
+    from ..detectors.fused import DETECTOR_FORMAT
 
     state = _load_dict(path, DETECTOR_FORMAT)
     bad = _non_finite_keys(state, "detector")
@@ -543,7 +558,7 @@ def load_detector(path: str | os.PathLike, network: nn.Module) -> Any:
             f"{str(path)!r} holds NaN or Inf values ({_shown(bad)}): its fit went wrong; fit the detector again"
         )
     try:
-        return FusedDetector.from_state(network, state)
+        return detector_from_state(network, state)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{str(path)!r} does not fit this network: {err}") from err
 

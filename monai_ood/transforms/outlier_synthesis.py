@@ -36,8 +36,6 @@ __all__ = [
     "OutlierOp",
     "OutlierSynthesis",
     "OutlierSynthesisd",
-    "OutlierSynthesisD",
-    "OutlierSynthesisDict",
 ]
 
 # Seeds handed to torch / numpy generators are drawn from ``self.R`` in this range.
@@ -123,8 +121,9 @@ class OutlierSynthesis(RandomizableTransform):
     caller's global RNG state is left unchanged.
 
     Args:
-        ops: names of the operations to choose from (subset and order), any of ``"rotate180"``,
-            ``"vflip"``, ``"patch_permute"``, ``"swap"``, ``"gamma"``, ``"elastic"``. Defaults to all six.
+        ops: names of the operations to choose from (subset and order), any of :data:`PAPER_OPS`
+            (``"rotate180"``, ``"vflip"``, ``"patch_permute"``, ``"swap"``, ``"gamma"``, ``"elastic"``) and
+            :data:`LOCAL_OPS` (local corruptions inside a random box). Defaults to the paper's six.
         op_weights: sampling probabilities of ``ops`` (non-negative, normalised to sum to 1).
             ``None`` picks uniformly.
         flip_axis: spatial axis flipped by ``"vflip"`` (0 = H, the first spatial axis).
@@ -499,7 +498,6 @@ class OutlierSynthesisd(RandomizableTransform, MapTransform):
         return d
 
 
-OutlierSynthesisD = OutlierSynthesisDict = OutlierSynthesisd
 
 
 def _run_torchio(

@@ -168,3 +168,27 @@ def test_checkpoint_with_detector_loads_with_weights_only(fitted):
     rebuilt = FusedDetector.from_state(load_model(path, device="cpu").net, data["detector"])
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(rebuilt(x).image_score, fitted[1](x).image_score, rtol=0, atol=0)
+
+
+def test_a_detector_file_round_trips_and_a_foreign_one_is_refused(fitted, tmp_path):
+    from monai_ood.calibration import fingerprint
+    from monai_ood.engines.checkpoint import detector_from_state, load_detector, save_detector
+
+    path, detector = fitted[:2]
+    net = load_model(path, device="cpu").net
+    file = save_detector(tmp_path / "detector.pt", detector)
+    rebuilt = load_detector(file, net)
+    x = torch.from_numpy(np.stack([item["image"] for item in _items(2, seed=9)]))
+    torch.testing.assert_close(rebuilt(x).image_score, detector(x).image_score, rtol=0, atol=0)
+    # the fingerprint a calibration is bound to is the same from the file and from memory
+    assert fingerprint(net, torch.load(file, weights_only=True)) == fingerprint(net, detector.to_state())
+    state = detector.to_state()
+    with pytest.raises(ValueError, match="'mystery' is not one monai-ood can rebuild.*fused"):
+        detector_from_state(net, {**state, "name": "mystery"})
+    state["loc"] = state["loc"].clone().fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        load_detector(tmp_path / "nan.pt", net)
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a 'monai-ood-detector' checkpoint"):
+        load_detector(tmp_path / "foreign.pt", net)

@@ -84,7 +84,7 @@ def test_layer_errors():
     net = PrototypeOODNet(nn.Sequential(nn.Conv2d(1, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 1)), 2, layer="0")
     assert net.feature_channels == 5
     with pytest.raises(ValueError, match="expected input"):
-        net(torch.rand(1, 1, 8, 8)) if False else net.ood(torch.rand(1, 8, 8))
+        net.ood(torch.rand(1, 8, 8))
     with pytest.raises(ValueError, match="did you mean|Unsupported option"):
         create_prototype_network("unnet", 2, 1, 2)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_ood.transforms import OutlierSynthesis, OutlierSynthesisD, OutlierSynthesisd, OutlierSynthesisDict
+from monai_ood.transforms import OutlierSynthesis, OutlierSynthesisd
 
 # Every folding warning from TorchIO's elastic deformation is a failure: in particular, 2D images must
 # get zero displacement along their singleton axis.
@@ -238,11 +238,6 @@ def test_dict_version_replays_the_array_version():
         got = mapping({"image": image})["image"]
         assert mapping.last_op == array.last_op
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
-
-def test_dict_aliases():
-    assert OutlierSynthesisD is OutlierSynthesisd
-    assert OutlierSynthesisDict is OutlierSynthesisd
 
 
 def test_unknown_op_suggests_the_closest_name():
