@@ -11,9 +11,10 @@ import torch
 from monai.utils import look_up_option
 from torch import nn
 
+from ..networks.capture import first_tensor, named_module
 from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from ..networks.presets import encoder_stages
-from ..networks.prototype_net import PrototypeOODNet, _first_tensor, named_module
+from ..networks.prototype_net import PrototypeOODNet
 from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, module_device
 
 __all__ = ["FeatureStatisticsDetector"]
@@ -152,7 +153,7 @@ class FeatureStatisticsDetector(Detector):
             def hook(module, inputs, output) -> None:
                 if index in captured:  # a stage called twice: its first call counts
                     return
-                captured[index] = self._statistics_of(_first_tensor(output))
+                captured[index] = self._statistics_of(first_tensor(output))
                 if len(captured) == count:
                     raise _AllStagesCaptured
 

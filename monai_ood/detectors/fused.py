@@ -21,9 +21,9 @@ import torch
 from monai.utils import look_up_option
 from torch import nn
 
-from ..networks.capture import capture_features
+from ..networks.capture import capture_features, named_module
 from ..networks.presets import encoder_stages
-from ..networks.prototype_net import PrototypeOODNet, named_module
+from ..networks.prototype_net import PrototypeOODNet
 from .base import Detector, DetectorOutput, NotFittedError, eval_mode, module_device, to_input_size
 from .terms import (
     ClassPrototypeTerm,

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..networks.capture import encode_until, named_module
 from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from ..networks.presets import feature_layer_for
-from ..networks.prototype_net import PrototypeOODNet, encode_until, named_module
+from ..networks.prototype_net import PrototypeOODNet
 from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, module_device, to_input_size
 
 __all__ = ["MahalanobisDetector"]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .capture import capture_features, named_module
 from .gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from .prototypes import MahalanobisPrototypes, ProjectionHead
 
@@ -64,49 +65,6 @@ class TrainOutput:
     outlier_global_distances: torch.Tensor | None = None
 
 
-class _ReachedHookedLayer(Exception):
-    """Raised from the hook to end an encoder-only forward pass at the hooked layer."""
-
-
-def _first_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        f"the hooked layer must output a tensor (or a tuple starting with one), got {type(output)}"
-    )
-
-
-def encode_until(network: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The output of ``layer`` (a submodule of ``network``) from a forward pass that stops there.
-
-    A temporary forward hook captures the output and raises, so the rest of the network (the decoder)
-    never runs; the hook is removed afterwards, even on error.
-
-    Raises:
-        RuntimeError: if ``layer`` was not called by ``network``'s forward pass.
-    """
-    captured: list[torch.Tensor] = []
-
-    def hook(module, inputs, output):
-        captured.append(_first_tensor(output))
-        raise _ReachedHookedLayer
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        network(x)
-    except _ReachedHookedLayer:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(
-            f"{type(layer).__name__} was not called during {type(network).__name__}'s forward pass"
-        )
-    return captured[0]
-
-
 def infer_feature_channels(module: nn.Module) -> int:
     """Guess the channel count a module outputs from its last convolution or normalisation layer.
 
@@ -136,15 +94,6 @@ def infer_spatial_dims(module: nn.Module) -> int:
     raise ValueError(
         f"cannot infer spatial_dims of {type(module).__name__}: pass spatial_dims=2 or 3 explicitly"
     )
-
-
-def named_module(network: nn.Module, name: str, what: str = "network") -> nn.Module:
-    """The module called ``name`` in ``network.named_modules()``; a ValueError listing some names if none."""
-    modules = dict(network.named_modules())
-    if name not in modules:
-        hint = ", ".join(list(modules)[1:12])
-        raise ValueError(f"{what} has no module named {name!r}; some of its modules: {hint}, ...")
-    return modules[name]
 
 
 class HookedEncoderNet(nn.Module):
@@ -187,31 +136,22 @@ class HookedEncoderNet(nn.Module):
             feature_channels if feature_channels is not None else infer_feature_channels(hooked)
         )
         self.outlier_norm = look_up_option(outlier_norm, OUTLIER_NORM_MODES)
-        self._capturing = False
-        self._stop_at_hook = False
-        self._captured: torch.Tensor | None = None
-        self._hook_handle = hooked.register_forward_hook(self._hook)
 
-    def _hook(self, module: nn.Module, inputs, output) -> None:
-        if not self._capturing:
-            return
-        self._captured = _first_tensor(output)
-        if self._stop_at_hook:
-            raise _ReachedHookedLayer
+    def _capture_layers(self) -> list[str]:
+        """The backbone layers a pass reads, in the order they run: the main layer last."""
+        return [self.layer]
 
-    @contextlib.contextmanager
-    def _capture(self, stop: bool) -> Iterator[None]:
-        self._capturing, self._stop_at_hook, self._captured = True, stop, None
-        try:
-            yield
-        finally:
-            self._capturing, self._stop_at_hook = False, False
-
-    def _take_captured(self) -> torch.Tensor:
-        features, self._captured = self._captured, None
-        if features is None:
-            raise RuntimeError(f"the hooked layer {self.layer!r} was not called during the forward pass")
-        return features
+    def _capture(self, x: torch.Tensor, run_to_end: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+        """One pass of the backbone (whole, or up to the main layer) with :func:`capture_features`."""
+        self._check_input(x)
+        layers = self._capture_layers()
+        output, captured = capture_features(self.backbone, layers, x, run_to_end, whole_output=True)
+        if list(captured)[-1] != self.layer:
+            raise RuntimeError(
+                f"extra_layers {[n for n in captured if n != self.layer]} ran after the main layer "
+                f"{self.layer!r}: extra layers must be shallower than the main one"
+            )
+        return output, captured
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != self.spatial_dims + 2:
@@ -224,20 +164,12 @@ class HookedEncoderNet(nn.Module):
 
     def forward_capturing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One whole pass: the backbone's output and the hooked layer's features ``f_int(x)``."""
-        self._check_input(x)
-        with self._capture(stop=False):
-            logits = self.backbone(x)
-        return logits, self._take_captured()
+        logits, captured = self._capture(x, run_to_end=True)
+        return logits, captured[self.layer]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Run the backbone only up to the hooked layer and return its features ``f_int(x)``."""
-        self._check_input(x)
-        with self._capture(stop=True):
-            try:
-                self.backbone(x)
-            except _ReachedHookedLayer:
-                pass
-        return self._take_captured()
+        return self._capture(x, run_to_end=False)[1][self.layer]
 
     @contextlib.contextmanager
     def _outlier_normalisation(self) -> Iterator[None]:
@@ -414,12 +346,6 @@ class PrototypeOODNet(HookedEncoderNet):
         self.extra_prototypes = nn.ModuleList(
             MahalanobisPrototypes(num_classes, head_channels) for _ in self.extra_layers
         )
-        self._extra_captured: dict[str, torch.Tensor] = {}
-        # partial of a bound method, not a closure: copy.deepcopy(net) then hooks into the copy
-        self._extra_handles = [
-            modules[n].register_forward_hook(functools.partial(self._record_extra, n))
-            for n in self.extra_layers
-        ]
 
         self.global_grid = int(global_grid)
         self.global_projection = None
@@ -443,26 +369,14 @@ class PrototypeOODNet(HookedEncoderNet):
         weibull = torch.tensor(defaults, dtype=torch.float64) if len(defaults) > 1 else None
         self.register_buffer("term_weibull", weibull)
 
-    # -- hooks ------------------------------------------------------------------------------------------
-    def _record_extra(self, name: str, module: nn.Module, inputs, output) -> None:
-        if self._capturing:
-            self._extra_captured[name] = _first_tensor(output)
+    # -- capture --------------------------------------------------------------------------------------
+    def _capture_layers(self) -> list[str]:
+        return [*self.extra_layers, self.layer]
 
-    @contextlib.contextmanager
-    def _capture(self, stop: bool) -> Iterator[None]:
-        self._extra_captured = {}
-        with super()._capture(stop):
-            yield
-
-    def _take_extra(self) -> list[torch.Tensor]:
-        captured, self._extra_captured = self._extra_captured, {}
-        missing = [n for n in self.extra_layers if n not in captured]
-        if missing:
-            raise RuntimeError(
-                f"extra_layers {missing} were not called before the main layer {self.layer!r}: "
-                "extra layers must be shallower than the main one"
-            )
-        return [captured[n] for n in self.extra_layers]
+    def _passes(self, x: torch.Tensor, run_to_end: bool) -> tuple[Any, torch.Tensor, list[torch.Tensor]]:
+        """``(logits or None, main features, extra layers' features)`` from one pass."""
+        logits, captured = self._capture(x, run_to_end)
+        return logits, captured[self.layer], [captured[n] for n in self.extra_layers]
 
     # -- terms ------------------------------------------------------------------------------------------
     @property
@@ -572,16 +486,16 @@ class PrototypeOODNet(HookedEncoderNet):
     # -- passes -----------------------------------------------------------------------------------------
     def forward_with_ood(self, x: torch.Tensor) -> tuple[torch.Tensor, OODOutput]:
         """One pass of the whole network: ``(logits, OODOutput)``."""
-        logits, features = self.forward_capturing(x)
-        return logits, self._ood_output(x, features, self._take_extra(), logits)
+        logits, features, extra = self._passes(x, run_to_end=True)
+        return logits, self._ood_output(x, features, extra, logits)
 
     def ood(self, x: torch.Tensor) -> OODOutput:
         """OOD outputs only, from an encoder-only pass (the decoder is skipped unless the aggregation
         needs the predicted foreground)."""
         if self.aggregation == "foreground":
             return self.forward_with_ood(x)[1]
-        features = self.encode(x)
-        return self._ood_output(x, features, self._take_extra(), None)
+        _, features, extra = self._passes(x, run_to_end=False)
+        return self._ood_output(x, features, extra, None)
 
     def forward_train(self, images: torch.Tensor, outliers: torch.Tensor | None = None) -> TrainOutput:
         """The forward passes of one training step (paper Fig. 1).
@@ -595,13 +509,13 @@ class PrototypeOODNet(HookedEncoderNet):
             ``(B, K, *feature_spatial)`` and ``outlier_distances`` ``(B_o, K, *feature_spatial_o)`` of the
             main layer, plus the extra scales' and the global term's distances when configured.
         """
-        logits, features = self.forward_capturing(images)
-        scales = self.scale_distances(features, self._take_extra())
+        logits, features, extra = self._passes(images, run_to_end=True)
+        scales = self.scale_distances(features, extra)
         out = TrainOutput(logits, scales[0], None, scales[1:], None, self.global_distances(features), None)
         if outliers is not None:
             with self._outlier_normalisation():
-                outlier_features = self.encode(outliers)
-                outlier_scales = self.scale_distances(outlier_features, self._take_extra())
+                _, outlier_features, outlier_extra = self._passes(outliers, run_to_end=False)
+                outlier_scales = self.scale_distances(outlier_features, outlier_extra)
                 out.outlier_distances = outlier_scales[0]
                 out.outlier_extra_distances = outlier_scales[1:]
                 out.outlier_global_distances = self.global_distances(outlier_features)
@@ -631,8 +545,7 @@ class PrototypeOODNet(HookedEncoderNet):
         global_embeddings, pooled = [], []
         heads = [self.head, *self.extra_heads]
         for images, labels in batches:
-            features = self.encode(images.to(device))
-            extra = self._take_extra()
+            _, features, extra = self._passes(images.to(device), run_to_end=False)
             for s, (head, f) in enumerate(zip(heads, [features, *extra], strict=True)):
                 v = head(f).double()
                 grid = labels_to_feature_grid(labels.to(device), self.num_classes, v.shape[2:])

@@ -67,8 +67,8 @@ def test_multiscale_outputs_and_loss_reach_every_head():
 
 
 def _features(net, x):
-    features = net.encode(x)
-    return features, net._take_extra()
+    _, features, extra = net._passes(x, run_to_end=False)
+    return features, extra
 
 
 def test_encoder_only_scores_equal_full_pass_scores():

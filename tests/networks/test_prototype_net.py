@@ -70,10 +70,20 @@ def test_auto_layer_and_encoder_only_pass_skips_decoder():
     assert calls == [1]
 
 
-def test_hook_is_inactive_in_plain_forward():
-    net = PrototypeOODNet(_small_unet(), num_classes=3, head_channels=4)
-    net(torch.rand(1, 1, 16, 16))
-    assert net._captured is None
+def test_no_hook_stays_on_the_network():
+    import copy
+    import pickle
+
+    net = PrototypeOODNet(_small_unet(), num_classes=3, head_channels=4, extra_layers=["model.0"])
+    x = torch.rand(2, 1, 16, 16)
+    logits, ood = net.forward_with_ood(x)
+    net.ood(x)
+    hooks = [m for m in net.modules() if m._forward_hooks]
+    assert hooks == []  # capture hooks live for one call only
+    torch.testing.assert_close(net(x), net.backbone(x))
+    twin = copy.deepcopy(net)  # a copy scores by itself, with nothing pointing back at the original
+    torch.testing.assert_close(twin.forward_with_ood(x)[1].image_score, ood.image_score)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(net)).ood(x).score_map, net.ood(x).score_map)
 
 
 def test_layer_errors():
