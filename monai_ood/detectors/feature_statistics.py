@@ -11,7 +11,7 @@ import torch
 from monai.utils import look_up_option
 from torch import nn
 
-from ..networks.capture import first_tensor, named_module
+from ..networks.capture import capture_features, named_module
 from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 from ..networks.presets import encoder_stages
 from ..networks.prototype_net import PrototypeOODNet
@@ -20,10 +20,6 @@ from .base import Detector, DetectorOutput, NotFittedError, batches, eval_mode, 
 __all__ = ["FeatureStatisticsDetector"]
 
 STATISTICS = ("mean", "std")
-
-
-class _AllStagesCaptured(Exception):
-    """Raised by the last stage hook to end the forward pass once every hooked stage has run."""
 
 
 class FeatureStatisticsDetector(Detector):
@@ -146,34 +142,15 @@ class FeatureStatisticsDetector(Detector):
         Raises:
             RuntimeError: if a hooked stage did not run during the network's forward pass.
         """
-        captured: dict[int, torch.Tensor] = {}
-        count = len(self._modules)
-
-        def hook_for(index: int):
-            def hook(module, inputs, output) -> None:
-                if index in captured:  # a stage called twice: its first call counts
-                    return
-                captured[index] = self._statistics_of(first_tensor(output))
-                if len(captured) == count:
-                    raise _AllStagesCaptured
-
-            return hook
-
-        handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(self._modules)]
-        try:
-            with eval_mode(self.network), torch.no_grad():
-                self.network(images.to(module_device(self.network, images.device)))
-        except _AllStagesCaptured:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [self.layers[i] for i in range(count) if i not in captured]
-        if missing:
-            raise RuntimeError(
-                f"stages {missing} were not called during {type(self.network).__name__}'s forward"
+        with eval_mode(self.network), torch.no_grad():
+            _, captured = capture_features(
+                self.network,
+                self.layers,
+                images.to(module_device(self.network, images.device)),
+                run_to_end=False,
+                modules=self._modules,
             )
-        return [captured[i] for i in range(count)]
+        return [self._statistics_of(captured[name]) for name in self.layers]
 
     def _collect(self, items: Sequence[dict]) -> list[np.ndarray]:
         per_batch = [

@@ -36,7 +36,6 @@ Needs no fitting: CAMs come from the trained network's gradients.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from monai.utils import look_up_option
 from torch import nn
 
+from ..networks.capture import capture_features, encode_until
 from ..networks.prototype_net import PrototypeOODNet
 from .base import Detector, DetectorOutput, eval_mode, module_device, to_input_size
 from .fcdd import FCDDNet
@@ -52,10 +52,6 @@ from .fcdd import FCDDNet
 __all__ = ["MECAMDetector", "find_decoder_exits"]
 
 OOD_IF = ("smaller_change", "larger_change")
-
-
-class _StopForward(Exception):
-    """Raised by the encoder hook to end a forward pass at the encoder layer."""
 
 
 def _first_tensor(value) -> torch.Tensor | None:
@@ -169,25 +165,6 @@ class MECAMDetector(Detector):
             self.exits = find_decoder_exits(self.network, images[:1])
         return self.exits
 
-    @contextlib.contextmanager
-    def _hooks(self, names: Sequence[str], store: dict[str, torch.Tensor], stop_at: str | None = None):
-        modules = dict(self.network.named_modules())
-
-        def capture(name: str):
-            def hook(module, inputs, output) -> None:
-                store[name] = _first_tensor(output)
-                if name == stop_at:
-                    raise _StopForward
-
-            return hook
-
-        handles = [modules[name].register_forward_hook(capture(name)) for name in names]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.dim() < 3:
             raise ValueError(
@@ -199,9 +176,8 @@ class MECAMDetector(Detector):
         """Grad-CAM of every exit, upsampled to the input and min-max normalised: ``(B, 1, *spatial)`` each."""
         x = self._to_device(images)
         exits = self._resolve_exits(x)
-        activations: dict[str, torch.Tensor] = {}
-        with torch.enable_grad(), eval_mode(self.network), self._hooks(exits, activations):
-            logits = _first_tensor(self.network(x.detach().requires_grad_(True)))
+        with torch.enable_grad(), eval_mode(self.network):
+            logits, activations = capture_features(self.network, exits, x.detach().requires_grad_(True))
             target = _foreground_logit_sum(logits)
             tensors = [activations[name] for name in exits]
             grads = torch.autograd.grad(target, tensors, allow_unused=True)
@@ -223,19 +199,8 @@ class MECAMDetector(Detector):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Features of the encoder layer (the forward pass stops there)."""
         x = self._to_device(images)
-        store: dict[str, torch.Tensor] = {}
-        with (
-            torch.no_grad(),
-            eval_mode(self.network),
-            self._hooks([self.encoder_layer], store, self.encoder_layer),
-        ):
-            try:
-                self.network(x)
-            except _StopForward:
-                pass
-        if store.get(self.encoder_layer) is None:
-            raise RuntimeError(f"the encoder layer {self.encoder_layer!r} was not called in the forward pass")
-        return store[self.encoder_layer]
+        with torch.no_grad(), eval_mode(self.network):
+            return encode_until(self.network, self.encoder_layer, x)
 
     def mask(self, images: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
         """``images * (1 - cam)``, or ``images * [cam < mask_threshold]``."""
