@@ -100,6 +100,7 @@ def _cmd_train(args) -> int:
         preset=args.preset,
         network_kwargs=args.network_kwargs,
         head_channels=args.head_channels,
+        head_kwargs=args.head_kwargs,
         lambda_out=args.lambda_out,
         batch_size=args.batch_size,
         max_epochs=args.epochs,
@@ -741,6 +742,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-size", type=int, default=8, help="InD images per step; as many outliers (default: 8)"
+    )
+    p.add_argument(
+        "--head-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON of further options of the prototype head (PrototypeOODNet): layer, head_act, "
+        'outlier_norm, global_grid, quantile; e.g. \'{"outlier_norm": "batch", "quantile": 0.95}\'',
     )
     p.add_argument(
         "--head-channels", type=int, default=256, help="embedding size c_g of the head (default: 256)"

@@ -128,6 +128,39 @@ def _number(value: Any, name: str, low: float = 0.0, high: float = math.inf, low
     return float(value)
 
 
+# PrototypeOODNet options set elsewhere: by the model (backbone, classes, channels) or by their own field
+_HEAD_FIELDS = frozenset(
+    {
+        "backbone",
+        "num_classes",
+        "feature_channels",
+        "spatial_dims",
+        "head_channels",
+        "extra_layers",
+        "global_head",
+        "gaussian_term",
+        "aggregation",
+    }
+)
+
+
+def _check_head_kwargs(value: Any) -> dict[str, Any]:
+    """``head_kwargs``: a dict of PrototypeOODNet options that have no field of their own."""
+    import inspect
+
+    from ..networks.prototype_net import PrototypeOODNet
+
+    if not isinstance(value, Mapping):
+        raise ValueError(f"head_kwargs must be a dict, got {value!r}")
+    options = set(inspect.signature(PrototypeOODNet.__init__).parameters) - {"self"} - _HEAD_FIELDS
+    unknown = sorted(set(value) - options)
+    if unknown:
+        own = sorted(set(unknown) & _HEAD_FIELDS)
+        hint = f" ({own} have their own settings)" if own else ""
+        raise ValueError(f"head_kwargs: unknown option(s) {unknown}{hint}; the options are {sorted(options)}")
+    return dict(value)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -208,6 +241,9 @@ class TrainingConfig:
         refit: re-estimate the prototypes from the training features after training.
         select_by: which weights become ``model.pt``: best validation Dice (``"dice"``) or the
             ``"last"`` epoch's (the head keeps learning after the best Dice epoch).
+        head_kwargs: any further option of :class:`~monai_ood.networks.PrototypeOODNet` (``layer``,
+            ``head_act``, ``outlier_norm``, ``global_grid``, ``quantile``); the options above have their
+            own fields.
         outlier_ops: operations of :class:`~monai_ood.transforms.OutlierSynthesis`.
         outlier_op_weights: their sampling probabilities; ``None`` = uniform.
         num_classes: output classes K including background; ``None`` = ``len(class_names)`` if given,
@@ -240,6 +276,7 @@ class TrainingConfig:
     class_balanced: bool | None = None
     refit: bool | None = None
     select_by: str | None = None
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
     outlier_ops: tuple[str, ...] | None = None
     outlier_op_weights: tuple[float, ...] | None = None
     num_classes: int | None = None
@@ -269,6 +306,7 @@ class TrainingConfig:
 
         self.aggregation = look_up_option(self.aggregation, AGGREGATIONS)
         self.select_by = look_up_option(self.select_by, SELECT_BY)
+        self.head_kwargs = _check_head_kwargs(self.head_kwargs)
         if self.outlier_op_weights is not None:
             self.outlier_op_weights = tuple(float(w) for w in self.outlier_op_weights)
         if not isinstance(self.network_kwargs, Mapping):
@@ -314,6 +352,7 @@ class TrainingConfig:
             "global_head": self.global_head,
             "gaussian_term": self.gaussian_term,
             "aggregation": self.aggregation,
+            **self.head_kwargs,
         }
 
     @property

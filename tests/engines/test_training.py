@@ -406,3 +406,19 @@ def test_resume_of_a_finished_run_redoes_a_refit_that_crashed(data, tmp_path, mo
     assert calls == [1] and bool(after.net.gaussian_fitted) and after.metrics["refitted"] is True
     train(train_items, val_items, config, tmp_path, PREPROCESSING, resume=True, progress=False)
     assert calls == [1]  # a finished refit is not run again
+
+
+def test_every_head_option_reaches_the_trained_network(data, tmp_path):
+    train_items, val_items = data
+    head_kwargs = {"quantile": 0.5, "outlier_norm": "batch", "head_act": "RELU", "global_grid": 3}
+    config = _config(head_config="paper", max_epochs=1, head_kwargs=head_kwargs, aggregation="quantile")
+    assert TrainingConfig.from_dict(config.to_dict()).head_kwargs == head_kwargs
+    result = train(train_items, val_items, config, tmp_path, PREPROCESSING, progress=False)
+    net = load_model(result.best_checkpoint, device="cpu").net
+    assert (net.quantile, net.outlier_norm, net.global_grid) == (0.5, "batch", 3)
+    assert any(isinstance(m, torch.nn.ReLU) for m in net.head.modules())
+    assert not any(isinstance(m, torch.nn.PReLU) for m in net.head.modules())
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['quantil'\].*'quantile'"):
+        _config(head_kwargs={"quantil": 0.5})
+    with pytest.raises(ValueError, match="have their own settings"):
+        _config(head_kwargs={"aggregation": "mean"})
