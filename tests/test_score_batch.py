@@ -413,3 +413,86 @@ def test_two_concurrent_runs_never_lose_a_row(model, images, tmp_path, capsys):
     assert _score(more, "--output", out, "--resume", model=model, capsys=capsys)[0] == 0
     expected = {f"{name}.nii.gz": "ok" for name in NAMES + ["extra0", "extra1"]}
     assert _statuses(out) == expected
+
+
+# ---------------------------------------------------------------- --resume and names
+
+
+def test_resume_with_an_unreadable_table_is_one_line_and_touches_nothing(model, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _score(images, "--output", out, model=model, capsys=capsys)[0] == 0
+    (out / "scores.json").write_text('{"volumes": [{"no input key": 1}]')  # cut short by hand
+    before = _mtimes(out)
+    code, captured = _score(images, "--output", out, "--resume", model=model, capsys=capsys)
+    assert code == 2 and "scores.json" in captured.err and "--overwrite" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+    assert _mtimes(out) == before
+
+
+def test_resume_refuses_outputs_that_belong_to_another_input_of_the_same_name(
+    model, images, tmp_path, capsys
+):
+    out, other = tmp_path / "out", tmp_path / "elsewhere"
+    assert _score(images / "case0.nii.gz", "--output", out, model=model, capsys=capsys)[0] == 0
+    other.mkdir()
+    _save(other / "case0.nii.gz", _phantom(np.random.default_rng(5)))  # another scan, the same stem
+    before = _mtimes(out)
+    code, captured = _score(other / "case0.nii.gz", "--output", out, "--resume", model=model, capsys=capsys)
+    assert code == 2 and "are those of" in captured.err and str(other / "case0.nii.gz") in captured.err
+    assert _mtimes(out) == before  # the first scan's maps are kept
+
+
+def test_two_inputs_with_one_stem_are_refused_before_any_work(model, images, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(images / "case0.nii.gz", other / "case0.nii.gz")
+    out = tmp_path / "out"
+    code, captured = _score(
+        images / "case0.nii.gz", other / "case0.nii.gz", "--output", out, model=model, capsys=capsys
+    )
+    assert code == 2 and "same name stem" in captured.err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_ctrl_c_exits_130_keeps_the_inputs_done_and_resume_finishes(
+    model, images, tmp_path, capsys, monkeypatch
+):
+    import monai_ood.inference
+
+    real, calls = monai_ood.inference.score_image, []
+
+    def interrupted_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monai_ood.inference, "score_image", interrupted_on_the_third)
+    out = tmp_path / "out"
+    code, captured = _score(images, "--output", out, model=model, capsys=capsys)
+    assert code == 130 and "re-run with --resume" in captured.err
+    statuses = _statuses(out)
+    assert sorted(statuses.values()) == ["ok", "ok", "skipped", "skipped"]
+    for name, status in statuses.items():  # an ok row has its whole set, a skipped one none of it
+        stem = name.removesuffix(".nii.gz")
+        assert all((out / f"{stem}{suffix}").is_file() == (status == "ok") for suffix in MAPS)
+    monkeypatch.setattr(monai_ood.inference, "score_image", real)
+    assert _score(images, "--output", out, "--resume", model=model, capsys=capsys)[0] == 0
+    assert set(_statuses(out).values()) == {"ok"}
+
+
+def test_a_stale_calibration_is_refused_in_one_line_before_any_work(model, images, tmp_path, capsys):
+    import torch
+
+    from monai_ood.engines.checkpoint import load_model, set_weights
+
+    stale = tmp_path / "model.pt"
+    shutil.copy(model, stale)
+    net = load_model(stale, device="cpu").net
+    with torch.no_grad():  # retrained weights, the calibration of the old ones still stored
+        next(net.parameters()).view(-1)[0] += 1.0
+    set_weights(stale, net)
+    out = tmp_path / "out"
+    code, captured = _score(images, "--output", out, model=stale, capsys=capsys)
+    assert code == 2 and "other weights" in captured.err and "monai-ood calibrate" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not out.exists()

@@ -159,11 +159,16 @@ def _slice_geometry(file: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
     """Refuse a series whose slices are not evenly spaced along the slice normal (a gap or a repeat)."""
-    if len(files) < 3:
+    if len(files) < 2:
         return
     geometries = [_slice_geometry(f) for f in files]
     if all(g is None for g in geometries):
-        return  # no slice carries a position (e.g. secondary captures): nothing to check against
+        # e.g. secondary captures: a reader would stack them at a made-up origin and spacing
+        raise ValueError(
+            f"DICOM series {str(folder)!r}: none of its {len(files)} slices carries a position "
+            "(ImagePositionPatient/ImageOrientationPatient), so where the slices lie and how far apart "
+            "cannot be known; score the slices as separate 2D files instead"
+        )
     if any(g is None for g in geometries):
         missing = [Path(f).name for f, g in zip(files, geometries, strict=True) if g is None]
         raise ValueError(

@@ -49,6 +49,29 @@ def test_dicom_series_with_a_missing_slice_is_refused(tmp_path: Path):
         read_image(folder)
 
 
+def _strip_positions(folder: Path, names=None) -> None:
+    import pydicom
+
+    for path in sorted(folder.iterdir()):
+        if names is None or path.name in names:
+            ds = pydicom.dcmread(path)
+            del ds.ImagePositionPatient, ds.ImageOrientationPatient
+            ds.save_as(path)
+
+
+def test_dicom_series_without_any_slice_position_is_refused_not_stacked_at_a_made_up_origin(tmp_path: Path):
+    folder = tmp_path / "nopos"
+    _write_series(folder, [0, 1, 2, 3, 4])
+    _strip_positions(folder)
+    with pytest.raises(ValueError, match=r"none of its 5 slices carries a position.*separate 2D files"):
+        read_image(folder)
+    two = tmp_path / "two"
+    _write_series(two, [0, 1])
+    _strip_positions(two, {"IM0001.dcm"})
+    with pytest.raises(ValueError, match=r"1 slice\(s\) without a readable position.*IM0001.dcm"):
+        read_image(two)
+
+
 def test_even_dicom_series_reads_with_its_spacing(tmp_path: Path):
     folder = tmp_path / "even"
     _write_series(folder, [1.5 * z for z in range(6)], spacing=1.5)
