@@ -220,7 +220,51 @@ def to_grid(
 ) -> sitk.Image:
     """Resample ``image`` onto ``reference`` once (linear for intensities, nearest for labels)."""
     pixel = sitk.sitkFloat32 if interpolator != sitk.sitkNearestNeighbor else image.GetPixelID()
-    return sitk.Resample(as_volume(image), reference, sitk.Transform(), interpolator, default, pixel)
+    volume = as_volume(image)
+    if interpolator != sitk.sitkNearestNeighbor:  # labels: nearest-neighbour ties break by storage anyway
+        volume = _boundary_symmetric(volume, reference)
+    return sitk.Resample(volume, reference, sitk.Transform(), interpolator, default, pixel)
+
+
+def _boundary_symmetric(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """``image`` re-stored (same physical voxels) so that a sample of ``reference`` lying exactly on its
+    extent's boundary is treated alike whatever the voxel storage order.
+
+    ITK counts a point inside an image when its continuous index lies in ``[-0.5, size - 0.5)``: the low
+    end is in, the high end out. A sample exactly on the edge of the field of view (common when both
+    grids are axis-aligned with round spacings) is then inside for one storage order and outside for the
+    flipped one, and the slices differ. Only an image axis antiparallel to a ``reference`` axis with a
+    sample on its boundary is flipped (a copy of the voxels, in that case only), so that the sense is the
+    reference's for every storage order; any other image is returned as it is.
+    """
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    axes = np.array(reference.GetDirection()).reshape(3, 3).T @ direction  # image axes in reference axes
+    origin, spacing, size = np.array(image.GetOrigin()), np.array(image.GetSpacing()), image.GetSize()
+    ref_origin, ref_spacing = np.array(reference.GetOrigin()), np.array(reference.GetSpacing())
+    ref_to_index = np.array(reference.GetDirection()).reshape(3, 3).T
+    flips = []
+    for j in range(3):
+        i = int(np.argmax(np.abs(axes[:, j])))
+        if axes[i, j] > -1 + 1e-9:  # not antiparallel to a reference axis
+            continue
+        for edge in (-0.5, size[j] - 0.5):
+            point = origin + direction[:, j] * edge * spacing[j]
+            index = (ref_to_index @ (point - ref_origin))[i] / ref_spacing[i]
+            if abs(index - round(index)) < 1e-6 and 0 <= round(index) < reference.GetSize()[i]:
+                flips.append(j)
+                break
+    if not flips:
+        return image
+    array = sitk.GetArrayFromImage(image)  # (z, y, x): image axis j is array axis 2 - j
+    flipped = sitk.GetImageFromArray(np.ascontiguousarray(np.flip(array, axis=[2 - j for j in flips])))
+    new_direction, new_origin = direction.copy(), origin.copy()
+    for j in flips:
+        new_origin = new_origin + direction[:, j] * (size[j] - 1) * spacing[j]
+        new_direction[:, j] = -direction[:, j]
+    flipped.SetSpacing(tuple(spacing))
+    flipped.SetOrigin(tuple(new_origin))
+    flipped.SetDirection(tuple(new_direction.flatten()))
+    return flipped
 
 
 def normalize_intensity(
