@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .files import (
+    LOCK_NAME,
     AtomicFileSet,
     atomic_write,
     atomic_write_text,
@@ -463,10 +464,11 @@ def _cmd_score(args) -> int:
     from .engines.checkpoint import load_model
     from .inference import score_image
     from .io import find_inputs, output_stem, read_image
-    from .io.tables import ScoreTable, volume_row
+    from .io.tables import TABLE_LOCK, ScoreTable, merge_parts, part_name, volume_row
     from .preprocessing import SlicePreprocessing
 
-    inputs = [p for path in args.inputs for p in find_inputs(path)]
+    num_parts, part_id = _score_part(args)
+    every_input = [p for path in args.inputs for p in find_inputs(path)]
     loaded = load_model(args.checkpoint, device=args.device)
     preprocessing = loaded.preprocessing
     if args.axis:
@@ -480,16 +482,21 @@ def _cmd_score(args) -> int:
         print("note: the checkpoint has no calibration; A_xi maps are skipped (run `monai-ood calibrate`)")
     output = Path(args.output)
     suffix = OUTPUT_SUFFIXES[args.format]
-    stems = {path: output_stem(path) for path in inputs}
-    if len(set(stems.values())) != len(stems) or len(stems) != len(inputs):
+    stems = {path: output_stem(path) for path in every_input}
+    if len(set(stems.values())) != len(stems) or len(stems) != len(every_input):
         raise ValueError("two inputs have the same name stem; score them into different --output folders")
+    # a split run (--num-parts, or torchrun's ranks): every part sees the same inputs and takes every
+    # num_parts-th one, so no input is scored twice and none is left out
+    inputs = every_input[part_id::num_parts]
+    stems = {path: stems[path] for path in inputs}
     planned = {}
     for path, stem in stems.items():
         names = {"segmentation": f"{stem}_seg{suffix}", "score_map": f"{stem}_score{suffix}"}
         if loaded.calibrator is not None:
             names["calibrated_map"] = f"{stem}_score_calibrated{suffix}"
         planned[path] = {key: output / name for key, name in names.items()}
-    table = ScoreTable(output)
+    split = num_parts > 1
+    table = ScoreTable(output, part_name(part_id, num_parts) if split else "scores")
     # refuse before any work: a half-done output folder helps no one
     targets = [t for paths in planned.values() for t in paths.values()] + [table.csv_path, table.json_path]
     input_paths = {Path(p).resolve() for p in inputs}
@@ -497,7 +504,15 @@ def _cmd_score(args) -> int:
         if target.resolve() in input_paths:
             raise ValueError(f"refusing to write onto an input: {target}")
     _prepare_output(output)
-    with lock_folder(output):
+    lock_name = f".monai-ood.part-{part_id}-of-{num_parts}.lock" if split else LOCK_NAME
+
+    def write_table() -> None:
+        table.write()
+        if split:  # the merged table of every part's rows so far
+            with lock_folder(output, TABLE_LOCK, wait=60.0):
+                merge_parts(output, num_parts)
+
+    with lock_folder(output, lock_name):
         if not (args.resume or args.overwrite):
             existing = [t for t in targets if t.exists()]
             if existing:
@@ -508,7 +523,8 @@ def _cmd_score(args) -> int:
                 )
         # a killed run's temporary files: no one else writes here while we hold the lock
         remove_temporaries(output, {t.name for t in targets})
-        remove_temporaries(output / "slicer")
+        if part_id == 0:  # the slicer files are part 0's
+            remove_temporaries(output / "slicer")
         table.read(strict=args.resume)
         todo = []
         for path in inputs:
@@ -538,7 +554,7 @@ def _cmd_score(args) -> int:
         for path, problem in problems.items():
             if problem is not None:
                 fail(path, problem)
-        if not args.no_slicer_files:
+        if not args.no_slicer_files and part_id == 0:
             from .io.slicer import write_slicer_files
 
             write_slicer_files(
@@ -547,7 +563,7 @@ def _cmd_score(args) -> int:
                 class_names=loaded.class_names,
                 overwrite=True,
             )
-        table.write()
+        write_table()
 
         failed_early = {path for path in todo if problems.get(path)}
         todo = [path for path in todo if path not in failed_early]
@@ -555,7 +571,7 @@ def _cmd_score(args) -> int:
 
         def save(path: Path) -> None:
             try:
-                table.write()
+                write_table()
             except OSError as error:
                 raise _Stopped(path, error, done, len(todo)) from error
 
@@ -589,7 +605,7 @@ def _cmd_score(args) -> int:
                 except OSError as error:  # the folder takes no more writes: every later input would fail too
                     table.set(stem, volume_row(path, "failed", paths, _error_line(error)))
                     with contextlib.suppress(OSError):
-                        table.write()
+                        write_table()
                     raise _Stopped(path, error, done, len(todo)) from error
                 slices = [{"input": str(path), **row} for row in scored.slices]
                 table.set(stem, volume_row(path, "ok", paths, scored=scored), slices)
@@ -623,6 +639,24 @@ def _cmd_score(args) -> int:
         )
         return EXIT_FAILED_INPUTS
     return 0
+
+
+def _score_part(args) -> tuple[int, int]:
+    """``(num_parts, part_id)`` of this run: the flags, else torchrun's ``WORLD_SIZE`` / ``RANK``, else one
+    part."""
+    num_parts, part_id = args.num_parts, args.part_id
+    if num_parts is None and part_id is None and os.environ.get("WORLD_SIZE", "1").isdigit():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            return world, int(os.environ.get("RANK", "0"))
+    num_parts = 1 if num_parts is None else num_parts
+    part_id = 0 if part_id is None else part_id
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(
+            f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id} "
+            "(nnU-Net's convention: part ids start at 0)"
+        )
+    return num_parts, part_id
 
 
 # ---------------------------------------------------------------- evaluate
@@ -895,6 +929,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-slicer-files",
         action="store_true",
         help="do not write the 3D Slicer colour tables and loader script",
+    )
+    p.add_argument(
+        "--num-parts",
+        type=int,
+        default=None,
+        help="split the inputs over this many runs (jobs, GPUs) into one OUTPUT: each part scores every "
+        "num-parts-th input and writes scores.part-K-of-N.json; every part keeps the merged "
+        "scores.csv/json up to date. Under torchrun the ranks are the parts (default: 1)",
+    )
+    p.add_argument(
+        "--part-id",
+        type=int,
+        default=None,
+        help="which part this run is, 0 .. num-parts - 1 (default: 0, or torchrun's RANK)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_score)

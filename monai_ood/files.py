@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Collection, Iterator
@@ -281,22 +282,30 @@ def _try_lock(descriptor: int, path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def lock_folder(folder: str | os.PathLike, name: str = LOCK_NAME) -> Iterator[Path]:
+def lock_folder(folder: str | os.PathLike, name: str = LOCK_NAME, wait: float = 0.0) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (the file ``folder/name``) for the ``with`` block.
 
     The lock is the operating system's (``flock``; ``msvcrt.locking`` on Windows), so it goes with the
     process: a killed run leaves no stale lock, only the (harmless, hidden) lock file. The file holds
     the holder's process id, quoted by the error another process gets.
 
+    Args:
+        folder: the folder to lock.
+        name: the lock file's name (one lock per name).
+        wait: seconds to wait for another holder to release it (0: do not wait).
+
     Raises:
-        FolderLockedError: another process holds the lock (it is not waited for).
+        FolderLockedError: another process holds the lock (for longer than ``wait``).
         OSError: the lock file cannot be created (e.g. a read-only folder).
     """
     folder = Path(folder)
     path = folder / name
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if not _try_lock(descriptor, path):
+        deadline = time.monotonic() + wait
+        while not (locked := _try_lock(descriptor, path)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not locked:
             try:
                 holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
             except (OSError, AttributeError):

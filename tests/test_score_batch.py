@@ -496,3 +496,80 @@ def test_a_stale_calibration_is_refused_in_one_line_before_any_work(model, image
     code, captured = _score(images, "--output", out, model=stale, capsys=capsys)
     assert code == 2 and "other weights" in captured.err and "monai-ood calibrate" in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and not out.exists()
+
+
+# ---------------------------------------------------------------- a run split in parts
+
+
+def test_parts_run_concurrently_and_merge_into_one_table(model, images, tmp_path, capsys):
+    """Two parts into one folder at the same time: each input scored by exactly one part, and the
+    merged table lists every input once, as an unsplit run's does (same rows, same scores)."""
+    folder, out, whole = tmp_path / "inputs", tmp_path / "out", tmp_path / "whole"
+    shutil.copytree(images, folder)
+    for name in ("extra0", "extra1", "extra2"):
+        shutil.copy(images / "case1.nii.gz", folder / f"{name}.nii.gz")
+    child = _slow_child(0.1, folder, "--output", out, "--num-parts", "2", "--part-id", "1", model=model)
+    code, _ = _score(
+        folder, "--output", out, "--num-parts", "2", "--part-id", "0", model=model, capsys=capsys
+    )
+    _, child_err = child.communicate(timeout=300)
+    assert code == 0 and child.returncode == 0, child_err[-2000:]
+    assert _score(folder, "--output", whole, model=model, capsys=capsys)[0] == 0
+    merged, reference = _table(out), _table(whole)
+    names = sorted(p.name for p in folder.iterdir())
+    assert sorted(Path(r["input"]).name for r in merged["volumes"]) == names  # none twice, none missing
+    parts = [json.loads((out / f"scores.part-{k}-of-2.json").read_text())["volumes"] for k in (0, 1)]
+    assert [len(p) for p in parts] == [4, 3] and not {r["input"] for r in parts[0]} & {
+        r["input"] for r in parts[1]
+    }
+    by_input = {Path(r["input"]).name: r for r in reference["volumes"]}
+    for row in merged["volumes"]:
+        expected = by_input[Path(row["input"]).name]
+        assert row["status"] == "ok" and row["image_score"] == pytest.approx(
+            expected["image_score"], rel=1e-6
+        )
+    assert len(merged["slices"]) == len(reference["slices"])
+    header = (out / "scores.csv").read_text().splitlines()[0]
+    assert header == (whole / "scores.csv").read_text().splitlines()[0]
+    assert (out / "slicer").is_dir()  # written once, by part 0
+
+
+def test_a_bad_part_id_is_one_line(model, images, tmp_path, capsys):
+    code, captured = _score(
+        images, "--output", tmp_path / "o", "--num-parts", "2", "--part-id", "2", model=model, capsys=capsys
+    )
+    assert code == 2 and "--part-id must lie in 0..1" in captured.err
+
+
+def test_torchrun_ranks_split_the_inputs_into_one_merged_table(model, images, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "-m",
+        "monai_ood",
+        "score",
+        str(images),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(model),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(Path(r["input"]).name for r in _table(out)["volumes"]) == sorted(
+        f"{n}.nii.gz" for n in NAMES
+    )
+    assert sorted(p.name for p in out.glob("scores.part-*-of-2.json")) == [
+        "scores.part-0-of-2.json",
+        "scores.part-1-of-2.json",
+    ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 
-__all__ = ["SCORE_FIELDS", "ScoreTable", "volume_row"]
+__all__ = ["SCORE_FIELDS", "TABLE_LOCK", "ScoreTable", "merge_parts", "part_name", "volume_row"]
 
 SCORE_FIELDS = [
     "input",
@@ -43,9 +43,9 @@ class ScoreTable:
     atomically, so the table never claims more than the folder holds.
     """
 
-    def __init__(self, output: Path) -> None:
-        self.json_path = output / "scores.json"
-        self.csv_path = output / "scores.csv"
+    def __init__(self, output: Path, name: str = "scores") -> None:
+        self.json_path = output / f"{name}.json"
+        self.csv_path = output / f"{name}.csv"
         self.rows: dict[str, dict] = {}
         self.slices: dict[str, list[dict]] = {}
 
@@ -81,8 +81,9 @@ class ScoreTable:
 
     def write(self) -> None:
         """Rewrite both files atomically (a file whose content would not change is left alone)."""
-        volumes = list(self.rows.values())
-        slices = [row for stem in self.rows for row in self.slices[stem]]
+        self._write(list(self.rows.values()), [row for stem in self.rows for row in self.slices[stem]])
+
+    def _write(self, volumes: list[dict], slices: list[dict]) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=SCORE_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -97,6 +98,48 @@ class ScoreTable:
         ):
             if not (path.is_file() and path.read_bytes() == text.encode("utf-8")):
                 atomic_write_text(path, text, overwrite=True)
+
+
+def part_name(part_id: int, num_parts: int) -> str:
+    """The table name of one part of a split run: ``scores.part-<k>-of-<n>``."""
+    return f"scores.part-{part_id}-of-{num_parts}"
+
+
+def merge_parts(output: Path, num_parts: int) -> ScoreTable:
+    """Write ``scores.csv`` / ``scores.json`` from the part tables of a run split in ``num_parts``
+    (``scores.part-<k>-of-<n>.json``, those that exist so far): every part's rows, volumes ordered by
+    input path. Call it holding :func:`~monai_ood.files.lock_folder` with the name ``TABLE_LOCK``, so
+    two parts never write the merged table at once; each part calls it after every input, so the merged
+    table is complete as soon as the last part's last input is done.
+
+    Raises:
+        ValueError: a part table that cannot be read, or an input listed by two parts.
+    """
+    volumes: list[dict] = []
+    slices: list[dict] = []
+    seen: dict[str, int] = {}
+    for part in range(num_parts):
+        table = ScoreTable(output, part_name(part, num_parts))
+        table.read(strict=True)
+        for stem, row in table.rows.items():
+            if stem in seen:
+                raise ValueError(
+                    f"{row['input']!r} is listed by parts {seen[stem]} and {part} of {num_parts}: were the "
+                    "parts given different inputs? Score all parts with the same inputs"
+                )
+            seen[stem] = part
+            volumes.append(row)
+            slices.extend(table.slices[stem])
+    volumes.sort(key=lambda row: row["input"])
+    order = {row["input"]: k for k, row in enumerate(volumes)}
+    slices.sort(key=lambda row: (order.get(row["input"], len(order)), row.get("slice", 0)))
+    merged = ScoreTable(output)
+    merged._write(volumes, slices)
+    return merged
+
+
+#: the lock the parts of a split run hold while they merge their tables
+TABLE_LOCK = ".monai-ood.table.lock"
 
 
 def volume_row(
