@@ -49,7 +49,7 @@ def _feed(digest: Any, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         tensor = obj.detach().to("cpu").contiguous()
         digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     elif isinstance(obj, np.ndarray):
         _feed(digest, torch.from_numpy(np.ascontiguousarray(obj)))
     elif isinstance(obj, Mapping):

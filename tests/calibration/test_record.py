@@ -40,6 +40,10 @@ def test_fingerprint_is_the_sha256_of_the_weights_in_order():
         next(changed.parameters()).view(-1)[0] += 1e-6
     assert fingerprint(changed) != fingerprint(net)
     assert fingerprint(net, None) != fingerprint(net, {"format": "x"})
+    # batch norm's 0-dim num_batches_tracked (DeepLabV3, SegResNet with batch norm)
+    bn = torch.nn.BatchNorm2d(3)
+    assert fingerprint(bn) != fingerprint({**bn.state_dict(), "num_batches_tracked": torch.tensor(5)})
+    assert fingerprint(torch.tensor(1.0)) != fingerprint(torch.tensor([1.0]))
 
 
 def test_round_trip_through_a_file_and_checks(tmp_path):
