@@ -1,50 +1,54 @@
 """Bundle-side components: what the MONAI bundles under ``bundles/`` name in their configs.
 
 A MONAI bundle (``python -m monai.bundle run --config_file configs/train.json``) instantiates everything
-from JSON by dotted paths, so the pieces the prototype head needs beyond stock MONAI live here:
+from JSON by dotted paths; the bundles are a door onto the same core as ``monai-ood train / fit /
+calibrate / score``, and the pieces that door needs beyond stock MONAI live here:
 
 * data: :func:`load_slices` (training/validation 2D slices: the embedded brain data by default, or a
-  user's MONAI datalist of NIfTI volumes) and :func:`inference_items` (the volumes to score);
+  user's MONAI datalist of NIfTI volumes, cut by :class:`~monai_ood.preprocessing.SlicePreprocessing`)
+  and :func:`inference_items` (the volumes to score);
 * training: :class:`PrototypeOODTrainingStep`, the ``iteration_update`` of MONAI's
   :class:`~monai.engines.SupervisedTrainer` that adds the outlier pass and ``L_out``;
   :class:`TrainingForward`, the module to wrap in ``DistributedDataParallel``;
-* inference: :class:`PrototypeOODInferer` (logits with ``A(x)`` appended as one more channel, so
-  MONAI's sliding-window / slice inferers keep the image metadata), :class:`ScoreMapInferer` (the
-  feature-resolution ``A(x)`` the Weibull calibration is fitted on);
-* transforms: :class:`NormalizeSlicesd`, :class:`SplitOODOutputd`, :class:`CalibrateOODScored`;
-* calibration: :class:`WeibullCalibrationHandler` (fits and writes ``models/calibration.json``),
-  :func:`require_checkpoint` and :func:`require_calibration` (clear messages before a run starts).
+* post-hoc step (``configs/calibrate.json``): :func:`fit_detector` (the default detector,
+  :class:`~monai_ood.detectors.fused.FusedDetector`, -> ``models/detector.pt``) and
+  :func:`calibrate_detector` (its Weibull calibration, the core's
+  :class:`~monai_ood.calibration.Calibration` record -> ``models/calibration.json``);
+* model files: :func:`load_weights`, :func:`require_checkpoint`, :func:`require_detector` and
+  :func:`require_calibration` (one-line refusals before a run starts: missing, mismatched or stale);
+* inference: :class:`DetectorInferer` (:func:`monai_ood.inference.score_image` with the detector) and
+  :class:`ScoreImageStep` (the evaluator's iteration: maps at each input's geometry and the score table
+  of ``monai-ood score``).
 """
 
 from ..engines.step import PrototypeOODTrainingStep, TrainingForward, fractional_epoch, training_losses
-from .calibration import (
-    WeibullCalibrationHandler,
-    load_calibration,
+from .data import find_datalist, inference_items, load_slices
+from .posthoc import (
+    calibrate_detector,
+    fit_detector,
+    load_weights,
     require_calibration,
     require_checkpoint,
+    require_detector,
+    unwrap_network,
 )
-from .data import find_datalist, flag, inference_items, load_slices, slice_axcodes
-from .inferers import PrototypeOODInferer, ScoreMapInferer, unwrap_network
-from .transforms import CalibrateOODScored, NormalizeSlicesd, SplitOODOutputd
+from .scoring import DetectorInferer, ScoreImageStep
 
 __all__ = [
-    "CalibrateOODScored",
-    "NormalizeSlicesd",
-    "PrototypeOODInferer",
+    "DetectorInferer",
     "PrototypeOODTrainingStep",
-    "ScoreMapInferer",
-    "SplitOODOutputd",
+    "ScoreImageStep",
     "TrainingForward",
-    "WeibullCalibrationHandler",
+    "calibrate_detector",
     "find_datalist",
-    "flag",
+    "fit_detector",
     "fractional_epoch",
     "inference_items",
-    "load_calibration",
     "load_slices",
+    "load_weights",
     "require_calibration",
     "require_checkpoint",
-    "slice_axcodes",
+    "require_detector",
     "training_losses",
     "unwrap_network",
 ]

@@ -4,12 +4,10 @@ Training items are made exactly as for ``monai-ood train``: the embedded brain d
 (:func:`monai_ood.data.load_brain_dataset`) by default, or the volumes of a MONAI datalist cut into
 slices by :func:`monai_ood.data.datalist_to_slices`, both with one
 :class:`~monai_ood.preprocessing.SlicePreprocessing` (anatomical slicing axis, in-plane spacing, slice
-size, per-slice intensity window).
-
-Inference reads NIfTI volumes with MONAI's ``LoadImaged`` and reproduces that slicing with MONAI
-transforms (``Orientationd`` to :func:`slice_axcodes`, ``Spacingd`` in-plane, ``ResizeWithPadOrCropd``,
-:class:`~monai_ood.bundle.NormalizeSlicesd`), so that ``Invertd`` can bring every output back onto the
-input's own grid.
+size, per-slice intensity window). Inference slices every volume with the same
+:class:`~monai_ood.preprocessing.SlicePreprocessing` (through :func:`monai_ood.inference.score_image`,
+as ``monai-ood score`` does), so oblique or anisotropic volumes are resampled onto the same anatomical
+grid in every step.
 """
 
 from __future__ import annotations
@@ -23,27 +21,14 @@ from typing import Any
 
 from monai.utils import look_up_option
 
-from ..preprocessing import SLICE_AXES, SlicePreprocessing
+from ..preprocessing import SlicePreprocessing
 
-__all__ = ["find_datalist", "flag", "inference_items", "load_slices", "slice_axcodes"]
+__all__ = ["find_datalist", "inference_items", "load_slices"]
 
 logger = logging.getLogger(__name__)
 
-# Array axes (rows, columns, slices) of the display convention of monai_ood.preprocessing, as the
-# anatomical directions MONAI's Orientationd sorts them to (RAS labels: the letter an index runs towards).
-_AXCODES = {"axial": "PLS", "coronal": "ILP", "sagittal": "IPL"}
 _BRAIN_SPLITS = {"training": "train", "train": "train", "validation": "validation", "test": "test"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def slice_axcodes(axis: str = "axial") -> str:
-    """The ``Orientationd`` axis codes that make a volume's array ``(rows, columns, slices)`` for ``axis``.
-
-    The 2D models see slices in the display convention of :mod:`monai_ood.preprocessing` (axial:
-    anterior up, patient right on the left): ``"PLS"`` for axial, ``"ILP"`` for coronal, ``"IPL"`` for
-    sagittal slices; the slices then run along the last spatial axis.
-    """
-    return _AXCODES[look_up_option(axis, SLICE_AXES)]
 
 
 def find_datalist(dataset_dir: str | os.PathLike | None) -> str | None:
@@ -162,45 +147,40 @@ def inference_items(
       so that inference runs out of the box.
 
     Raises:
-        FileNotFoundError, ValueError: for a missing folder or datalist, or no volume to score.
+        FileNotFoundError, ValueError: for a missing folder or datalist, no volume to score, or two
+            volumes whose outputs would have the same name (the same file name stem).
     """
     from ..data.datalist import load_datalist
+    from ..io import output_stem
 
     if datalist is not None:
-        return [{"image": str(item["image"])} for item in load_datalist(datalist, split)]
-    if dataset_dir is not None:
+        paths = [str(item["image"]) for item in load_datalist(datalist, split)]
+    elif dataset_dir is not None:
         folder = Path(dataset_dir).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"dataset_dir {str(folder)!r} is not a folder")
         json_path = folder / "dataset.json"
         if json_path.is_file() and split in _datalist_keys(json_path):
-            return [{"image": str(item["image"])} for item in load_datalist(json_path, split)]
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES))
-        if not files:
-            raise ValueError(
-                f"no NIfTI volume (.nii, .nii.gz) in {str(folder)!r} and no {split!r} list in a dataset.json there"
+            paths = [str(item["image"]) for item in load_datalist(json_path, split)]
+        else:
+            files = sorted(
+                p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
             )
-        return [{"image": str(p)} for p in files]
-    from ..benchmark.pool import mni152_2009a_paths
+            if not files:
+                raise ValueError(
+                    f"no NIfTI volume (.nii, .nii.gz) in {str(folder)!r} and no {split!r} list in a dataset.json there"
+                )
+            paths = [str(p) for p in files]
+    else:
+        from ..benchmark.pool import mni152_2009a_paths
 
-    return [{"image": str(mni152_2009a_paths()["t1"])}]
-
-
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
-
-
-def flag(value: Any) -> bool:
-    """A config switch as a bool: ``True``/``False``, or the strings the command line gives
-    (``--save_calibrated false`` arrives as the string ``"false"``): true/false, 1/0, yes/no, on/off.
-
-    Raises:
-        ValueError: for anything else.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"expected a true/false switch, got {value!r}")
+        paths = [str(mni152_2009a_paths()["t1"])]
+    stems: dict[str, str] = {}
+    for path in paths:
+        other = stems.setdefault(output_stem(path), path)
+        if other != path:
+            raise ValueError(
+                f"{other!r} and {path!r} would write outputs of the same name ({output_stem(path)!r}): "
+                "score them into different --output_dir folders"
+            )
+    return [{"image": path} for path in paths]

@@ -39,7 +39,7 @@ from ..networks.prototype_net import (
 )
 from ..networks.prototypes import ProjectionHead
 from ..transforms.augmentation import affine_augmentation
-from ..transforms.outlier_synthesis import DEFAULT_OPS, OutlierSynthesis
+from ..transforms.outlier_synthesis import PAPER_OPS, OutlierSynthesis
 from .base import Detector, DetectorOutput, eval_mode, module_device, to_input_size
 
 __all__ = [
@@ -303,7 +303,7 @@ def train_fcdd(
 
     augment = affine_augmentation(("image", "label"), spatial_dims, rotate_degrees, translate_pixels)
     augment.set_random_state(seed)
-    synthesis = OutlierSynthesis(ops=DEFAULT_OPS if outlier_ops is None else tuple(outlier_ops))
+    synthesis = OutlierSynthesis(ops=PAPER_OPS if outlier_ops is None else tuple(outlier_ops))
     synthesis.set_random_state(seed + 1)
     seg_loss, fcdd_loss = DiceCELoss(to_onehot_y=True, softmax=True), FCDDLoss()
     optimizer, scheduler = _optimiser(net.parameters(), lr, weight_decay, warm_restart_epochs)

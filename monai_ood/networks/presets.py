@@ -11,6 +11,13 @@ the encoder as f_int"), at 1/16 of the input resolution for the default configur
 | ``segresnet``| :class:`monai.networks.nets.SegResNet`    | ``down_layers.<last>``            |
 | ``deeplabv3``| :class:`monai_ood.networks.DeepLabV3`     | ``backbone.layer4`` (2048 channels) |
 | ``swinunetr``| :class:`monai.networks.nets.SwinUNETR`    | ``encoder10``                     |
+| ``plain_conv_unet`` | nnU-Net's ``PlainConvUNet``        | ``encoder.stages.<last>``         |
+| ``residual_encoder_unet`` | nnU-Net's ``ResidualEncoderUNet`` | ``encoder.stages.<last>``     |
+
+The last two are the U-Nets nnU-Net v2 plans (``dynamic_network_architectures``, installed with the
+``nnunet`` extra); their encoder stages are ``encoder.stages.<i>``. They are resolved lazily: without that
+package nothing is imported, no network is taken for one, and building one fails with a line that names
+the extra.
 
 Each entry of :data:`PRESETS` also lists the network's encoder stages (the default detector's layers):
 a new backbone is one entry here, with the test of ``tests/networks/test_registry.py``.
@@ -24,7 +31,7 @@ from typing import Any
 
 import torch
 from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
-from monai.utils import look_up_option
+from monai.utils import OptionalImportError, look_up_option, optional_import
 from torch import nn
 
 from .prototype_net import PrototypeOODNet
@@ -102,6 +109,65 @@ def _build_deeplabv3(spatial_dims: int, in_channels: int, out_channels: int, **k
     return DeepLabV3(spatial_dims, in_channels, out_channels, **kwargs)
 
 
+_DNA_UNETS = "dynamic_network_architectures.architectures.unet"
+_DNA_MISSING = (
+    "{name} comes from dynamic_network_architectures (nnU-Net v2), which is not installed: "
+    'pip install "monai-ood[nnunet]"'
+)
+
+
+class _NotInstalled:
+    """Stands for a network class whose package is missing: nothing is an instance of it."""
+
+
+def _dna_type(name: str) -> type:
+    """nnU-Net's U-Net class ``name``, or :class:`_NotInstalled` without ``dynamic_network_architectures``."""
+    network_type, found = optional_import(_DNA_UNETS, name=name)
+    return network_type if found else _NotInstalled
+
+
+def _dna_build(name: str) -> Callable[..., nn.Module]:
+    """A builder of nnU-Net's ``name`` U-Net (``PlainConvUNet`` or ``ResidualEncoderUNet``) in a default
+    configuration of nnU-Net's plans (5 stages, 32 to 320 features, instance norm, leaky ReLU, no deep
+    supervision); ``kwargs`` override its constructor arguments (``n_conv_per_stage`` of the plain U-Net
+    is ``n_blocks_per_stage`` of the residual one)."""
+    blocks = "n_conv_per_stage" if name == "PlainConvUNet" else "n_blocks_per_stage"
+
+    def build(spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
+        network_type, found = optional_import(_DNA_UNETS, name=name)
+        if not found:
+            raise OptionalImportError(_DNA_MISSING.format(name=name))
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        n_stages = int(kwargs.pop("n_stages", 5))
+        defaults = {
+            "features_per_stage": [min(32 * 2**i, 320) for i in range(n_stages)],
+            "conv_op": nn.Conv3d if spatial_dims == 3 else nn.Conv2d,
+            "kernel_sizes": 3,
+            "strides": [1] + [2] * (n_stages - 1),
+            blocks: 2,
+            "n_conv_per_stage_decoder": 2,
+            "conv_bias": True,
+            "norm_op": nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d,
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "nonlin": nn.LeakyReLU,
+            "nonlin_kwargs": {"inplace": True},
+            "deep_supervision": False,
+        }
+        return network_type(
+            input_channels=in_channels,
+            n_stages=n_stages,
+            num_classes=out_channels,
+            **{**defaults, **kwargs},
+        )
+
+    return build
+
+
+def _dna_stages(net: nn.Module) -> list[str]:
+    return [f"encoder.stages.{i}" for i in range(len(net.encoder.stages))]
+
+
 @dataclass(frozen=True)
 class Preset:
     """A supported network, in one entry: how to build its default configuration, its encoder stages
@@ -163,8 +229,20 @@ PRESETS: dict[str, Preset] = {
         lambda net: "encoder10",
         lambda net: ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
     ),
+    # nnU-Net v2's U-Nets (optional package, resolved lazily); the stem of the residual one is not a stage
+    "plain_conv_unet": Preset(
+        None, _dna_build("PlainConvUNet"), lambda net: _dna_stages(net)[-1], _dna_stages
+    ),
+    "residual_encoder_unet": Preset(
+        None, _dna_build("ResidualEncoderUNet"), lambda net: _dna_stages(net)[-1], _dna_stages
+    ),
 }
-_LAZY_TYPES = {"deeplabv3": _deeplabv3_type, "swinunetr": _swinunetr_type}
+_LAZY_TYPES = {
+    "deeplabv3": _deeplabv3_type,
+    "swinunetr": _swinunetr_type,
+    "plain_conv_unet": lambda: _dna_type("PlainConvUNet"),
+    "residual_encoder_unet": lambda: _dna_type("ResidualEncoderUNet"),
+}
 
 
 def preset_of(network: nn.Module) -> Preset | None:
@@ -258,7 +336,8 @@ def create_prototype_network(
     """Build a supported network with its default configuration and wrap it with the OOD head.
 
     Args:
-        preset: one of ``unet``, ``basic_unet``, ``dynunet``, ``segresnet``, ``deeplabv3``.
+        preset: a key of :data:`PRESETS` (``unet``, ``basic_unet``, ``dynunet``, ``segresnet``, ``deeplabv3``,
+            ``swinunetr``, ``plain_conv_unet``, ``residual_encoder_unet``).
         spatial_dims: 2 or 3.
         in_channels: image channels.
         out_channels: segmentation classes K (also the number of prototypes).

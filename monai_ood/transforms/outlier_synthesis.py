@@ -30,7 +30,6 @@ from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tenso
 from monai.utils.enums import StrEnum
 
 __all__ = [
-    "DEFAULT_OPS",
     "LOCAL_OPS",
     "PAPER_OPS",
     "OutlierOp",
@@ -62,7 +61,6 @@ class OutlierOp(StrEnum):
 
 #: the paper's six operations (Sec. 3.2 / 4.1), the default
 PAPER_OPS: tuple[str, ...] = ("rotate180", "vflip", "patch_permute", "swap", "gamma", "elastic")
-DEFAULT_OPS: tuple[str, ...] = PAPER_OPS
 #: the local corruptions
 LOCAL_OPS: tuple[str, ...] = ("local_shuffle", "cutpaste", "local_noise", "local_blur", "blob")
 
@@ -162,7 +160,7 @@ class OutlierSynthesis(RandomizableTransform):
 
     def __init__(
         self,
-        ops: Sequence[str] = DEFAULT_OPS,
+        ops: Sequence[str] = PAPER_OPS,
         op_weights: Sequence[float] | None = None,
         *,
         flip_axis: int = 0,
@@ -441,7 +439,7 @@ class OutlierSynthesisd(RandomizableTransform, MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        ops: Sequence[str] = DEFAULT_OPS,
+        ops: Sequence[str] = PAPER_OPS,
         op_weights: Sequence[float] | None = None,
         *,
         flip_axis: int = 0,

@@ -35,6 +35,13 @@ TINY_TRAIN = {
     "validate#dataset#data": "$@validate#data[:4]",
 }
 
+# Post-hoc step (calibrate.json): DeepLabV3's two deepest stages have 1024 and 2048 channels, whose
+# Gaussians (eigendecompositions of 2048- and 4096-dimensional covariances) take most of a minute on a
+# CPU; the tests fit its detector on the two shallower stages (the default reads all four).
+TINY_POSTHOC = {
+    "prototype_ood_unet_2d": {},
+    "prototype_ood_deeplabv3": {"calibrate#detector#layers": ["backbone.layer1", "backbone.layer2"]},
+}
 
 # Small slices for every step (train, calibrate, evaluate, inference): 48 x 48 at 4.5 mm.
 TINY_SLICES = {"image_size": [48, 48], "pixel_spacing": [4.5, 4.5]}
@@ -50,6 +57,27 @@ def copy_bundle(name: str, destination: Path) -> Path:
     target = destination / name
     shutil.copytree(BUNDLES / name, target, ignore=shutil.ignore_patterns("*.pt", "calibration.json", "eval"))
     return target
+
+
+def slice_preprocessing():
+    """The SlicePreprocessing of TINY_SLICES (what train.json and inference.json build from them)."""
+    from monai_ood.preprocessing import SlicePreprocessing
+
+    return SlicePreprocessing(spacing=TINY_SLICES["pixel_spacing"], size=TINY_SLICES["image_size"])
+
+
+def bundle_network(bundle: Path, overrides: dict):
+    """The bundle's ``network_def`` (from its inference.json with ``overrides``) with its trained weights,
+    read independently of monai_ood.bundle: MONAI's ConfigParser and torch.load."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.update(overrides)
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    return network.eval(), parser
 
 
 def write_args(path: Path, *overrides: dict) -> Path:

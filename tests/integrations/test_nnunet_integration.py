@@ -1,5 +1,6 @@
 """nnU-Net v2 end to end, as a user runs it: a tiny synthetic raw dataset -> nnUNetv2_plan_and_preprocess ->
-nnUNetv2_train -tr <prototype trainer> (found through nnUNet_extTrainer) -> prediction with score maps.
+nnUNetv2_train -tr <prototype trainer> (found through nnUNet_extTrainer; it fits the default detector and
+its calibration at the end) -> prediction with the detector's score maps.
 
 The nnU-Net commands run as subprocesses with the nnUNet_* variables of a temporary folder. The planned
 network is shrunk (8 base features instead of 32) and the trainer variant runs 2 epochs of 3 iterations,
@@ -13,6 +14,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ if importlib.util.find_spec("nnunetv2") is None:
         raise ImportError("nnunetv2 is not installed: `make setup` installs it (the nnunet extra)")
     pytest.skip("nnunetv2 is not installed (pip install 'monai-ood[nnunet]')", allow_module_level=True)
 
-from monai_ood.calibration import WeibullCalibrator  # noqa: E402
+from monai_ood.calibration import Calibration, WeibullCalibrator, fingerprint  # noqa: E402
 from monai_ood.integrations.nnunet import cli, nnUNetPrototypeOODPredictor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -59,7 +61,9 @@ def _make_raw_dataset(raw: Path) -> Path:
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir(parents=True)
     rng = np.random.default_rng(0)
-    num_training = 5
+    # 6 cases: nnU-Net's 5-fold split gives fold 0 two validation cases; the toy cases are smaller than
+    # the patch, so all patches of one case hold the same voxels and the detector's intensity term needs two
+    num_training = 6
     for i in range(num_training):
         shape = tuple(int(s) for s in rng.integers(30, 35, 3))
         image, label, affine = _blob_case(rng, shape, (1.0, 1.1 + 0.05 * i, 1.3), 0.0)
@@ -158,13 +162,35 @@ def test_nnunet_trainer_trains_logs_and_calibrates(nnunet):
     training_log = next(fold.glob("training_log_*.txt")).read_text()
     assert "train_ood_loss" in training_log and "val_ood_loss" in training_log
 
+    # the default detector beside the checkpoint, its terms on every encoder stage of the plan
+    plans = json.loads((nnunet["model"] / "plans.json").read_text())
+    n_stages = plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]["n_stages"]
+    detector = torch.load(fold / "ood_detector.pt", map_location="cpu", weights_only=True)
+    assert detector["format"] == "monai-ood-detector"
+    layers = [term["config"]["layer"] for term in detector["terms"] if "layer" in term["config"]]
+    assert sorted(set(layers)) == [f"encoder.stages.{i}" for i in range(n_stages)]
+    assert detector["num_train"] == 8  # ood_detector_train_patches of the test trainer
+
+    # the calibration record of its map, bound to these weights and this detector
     record = json.loads((fold / "ood_calibration.json").read_text())
-    assert record["nnunet"]["checkpoint"] == "checkpoint_final.pth"
-    assert record["nnunet"]["layer"] == "encoder.stages.3"  # the bottleneck of the 4-stage plan
+    assert (record["format"], record["map"], record["front_end"]) == (
+        "monai-ood-calibration",
+        "fused",
+        "nnunet",
+    )
+    assert record["fingerprint"] == fingerprint(weights, detector)
     split = json.loads((nnunet["nnUNet_preprocessed"] / DATASET / "splits_final.json").read_text())[0]
-    assert record["nnunet"]["validation_cases"] == split["val"]
-    calibrator = WeibullCalibrator.load(fold / "ood_calibration.json")
-    assert calibrator.is_fitted and calibrator.shape > 0
+    metadata = record["metadata"]
+    assert (metadata["fold"], metadata["checkpoint"], metadata["cases"]) == (
+        0,
+        "checkpoint_final.pth",
+        split["val"],
+    )
+    calibration = Calibration.load(
+        fold / "ood_calibration.json", map="fused", fingerprint=record["fingerprint"]
+    )
+    assert calibration.weibull.shape > 0
+    assert "OOD detector on ['encoder.stages.0'" in training_log
     assert "final validation skipped (test trainer)" in training_log  # see monai_ood_test_trainers.py
 
 
@@ -189,7 +215,7 @@ def _check_outputs(output: Path, inputs: Path) -> list[dict]:
         rows = list(csv.DictReader(table))
     assert sorted(r["case"] for r in rows) == cases
     for row in rows:
-        assert float(row["image_score"]) > 0 and 0 <= float(row["calibrated_degree"]) <= 1
+        assert np.isfinite(float(row["image_score"])) and 0 <= float(row["calibrated_degree"]) <= 1
     return rows
 
 
@@ -213,9 +239,16 @@ def test_sequential_prediction_and_calibrate_command_in_process(nnunet, monkeypa
     # calibration for another checkpoint, stored beside it under its own name
     calibrate = ["calibrate", str(DATASET_ID), CONFIG, "0", "-tr", TRAINER, "-chk", "checkpoint_best.pth"]
     assert cli.main([*calibrate, "-device", "cpu"]) == 0
-    best = nnunet["model"] / "fold_0" / "ood_calibration_checkpoint_best.json"
-    assert WeibullCalibrator.load(best).is_fitted
-    assert "ood_calibration_checkpoint_best.json" in capsys.readouterr().out
+    fold = nnunet["model"] / "fold_0"
+    best = Calibration.load(fold / "ood_calibration_checkpoint_best.json")
+    assert best.metadata["checkpoint"] == "checkpoint_best.pth" and best.front_end == "nnunet"
+    weights = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=False)[
+        "network_weights"
+    ]
+    detector = torch.load(fold / "ood_detector_checkpoint_best.pt", map_location="cpu", weights_only=True)
+    assert best.fingerprint == fingerprint(weights, detector)
+    printed = capsys.readouterr().out
+    assert "ood_calibration_checkpoint_best.json" in printed and "ood_detector_checkpoint_best.pt" in printed
 
     # nnU-Net's sequential path (-npp 0 -nps 0): no worker processes; same maps as the parallel path
     output = nnunet["root"] / "predicted_sequential"
@@ -234,10 +267,11 @@ def test_sequential_prediction_and_calibrate_command_in_process(nnunet, monkeypa
     # without a calibration there is no A_xi, and nothing pretends otherwise
     predictor = nnUNetPrototypeOODPredictor(device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(nnunet["model"]), (0,))
-    assert predictor.calibrators[0] is not None
-    predictor.calibrators = [None]
+    assert predictor.calibrations[0] is not None
+    predictor.calibrations = [None]
     maps = predictor.predict_ood_maps(torch.randn(1, 20, 24, 36))
     assert maps["calibrated"] is None and maps["score"].shape == (20, 24, 36)
+    assert np.isfinite(maps["image_score"])
 
     parallel = nnunet["root"] / "predicted"
     if parallel.is_dir():  # written by the test above (with mirroring for the segmentation, not the maps)
@@ -272,3 +306,42 @@ def test_nnunet_predictor_segments_with_the_wrapped_network(nnunet, monkeypatch)
         segmentation = nib.load(output / source.name.replace("_0000.nii.gz", ".nii.gz"))
         assert segmentation.shape == nib.load(source).shape
         assert not (output / source.name.replace("_0000.nii.gz", "_score.nii.gz")).exists()
+
+
+def test_predict_refuses_stale_old_or_missing_ood_files_in_one_line(nnunet, monkeypatch, tmp_path):
+    """A re-trained fold (other weights), a calibration of an older monai-ood and a missing detector each
+    stop ``predict`` before any work with one line that names the command fitting them again."""
+    _use_nnunet_env(monkeypatch, nnunet)
+    model = tmp_path / "model"
+    shutil.copytree(nnunet["model"], model, ignore=shutil.ignore_patterns("*checkpoint_best*", "validation"))
+    fold = model / "fold_0"
+    checkpoint_file = fold / "checkpoint_final.pth"
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    key = next(k for k in checkpoint["network_weights"] if k.endswith("conv.weight"))
+    checkpoint["network_weights"][key] += 1e-3  # as if the fold had been trained again
+    torch.save(checkpoint, checkpoint_file)
+    predict = [
+        "predict",
+        "-i",
+        str(nnunet["raw"] / "imagesTs"),
+        "-o",
+        str(tmp_path / "out"),
+        "-m",
+        str(model),
+    ]
+    predict += ["-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"]
+    command = f"python -m monai_ood.integrations.nnunet calibrate {DATASET} {CONFIG} 0 -tr {TRAINER}"
+
+    def refusal() -> str:
+        with pytest.raises(SystemExit) as stop:
+            cli.main(predict)
+        message = str(stop.value.code)
+        assert "\n" not in message and command in message, message
+        return message
+
+    assert "other weights" in refusal()
+    WeibullCalibrator().fit(np.random.default_rng(0).weibull(2.0, 100)).save(fold / "ood_calibration.json")
+    assert "bare Weibull fit" in refusal()
+    (fold / "ood_detector.pt").unlink()
+    assert "no default detector" in refusal()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))

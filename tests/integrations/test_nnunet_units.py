@@ -1,8 +1,10 @@
-"""The nnU-Net integration's parts, in-process and fast: wrapper, trainer pieces, tiling, geometry, CLI helpers."""
+"""The nnU-Net integration's parts, in-process and fast: wrapper, trainer pieces, the detector's patches
+and tiling, the calibration record, geometry, CLI helpers."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import nibabel as nib
@@ -20,19 +22,26 @@ if importlib.util.find_spec("nnunetv2") is None:
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet  # noqa: E402
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: E402
 
+from monai_ood.calibration import Calibration, WeibullCalibrator, fingerprint  # noqa: E402
 from monai_ood.integrations.nnunet import (  # noqa: E402
     OutlierChannels,
     calibration_path,
+    detector_path,
     export_line,
-    feature_score_values,
     find_trainer_class,
+    fit_calibration,
+    fit_detector,
+    load_calibration,
     map_to_input_image,
     map_to_original_array,
+    map_values,
     nnUNetPrototypeOODNet,
     nnUNetTrainerPrototypeOOD,
-    predict_score_map,
+    sample_patches,
+    score_case,
     trainer_folder,
 )
+from monai_ood.integrations.nnunet.detector import deep_supervision_off  # noqa: E402
 from monai_ood.integrations.nnunet.trainer import masked_inlier_term  # noqa: E402
 from monai_ood.io import same_geometry  # noqa: E402
 from monai_ood.losses import OutlierExposureLoss  # noqa: E402
@@ -202,38 +211,219 @@ def test_split_outliers():
         trainer.split_outliers(data[:, :3])
 
 
-# ---------------------------------------------------------------------------------------------- tiling
+# ---------------------------------------------------------------------------------------------- detector patches
 
 
-def test_score_map_covers_the_case_whatever_its_size():
+def _case(shape, seed=0, foreground=None):
+    """A preprocessed case as nnU-Net stores it: z-scored data, seg with -1 outside the non-zero mask."""
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((1, *shape)).astype(np.float32)
+    seg = np.zeros((1, *shape), dtype=np.int8)
+    seg[:, :1] = -1
+    locations = {}
+    if foreground is not None:
+        seg[(0, *foreground)] = 1
+        locations[1] = np.array([[0, *foreground]])
+    return data, seg, {"class_locations": locations}
+
+
+def test_patches_are_spread_over_the_cases_seeded_and_of_the_patch_size():
+    cases = {f"c{i}": _case((20, 18, 24), seed=i) for i in range(3)}
+    loaded = []
+
+    def load(key):
+        loaded.append(key)
+        return cases[key]
+
+    patches = sample_patches(list(cases), load, (16, 16, 16), 7, seed=3)
+    assert sorted(loaded) == sorted(cases)  # every case read once
+    assert len(patches) == 7 and [p["case"] for p in patches].count(patches[0]["case"]) == 3  # 3 + 2 + 2
+    for patch in patches:
+        assert patch["image"].shape == (1, 16, 16, 16) and patch["image"].dtype == np.float32
+        assert patch["label"].shape == (1, 16, 16, 16) and patch["label"].dtype == np.int64
+        assert patch["label"].min() >= 0  # nnU-Net's -1 outside the mask is background, as in its training
+        # the crop is a window of the case: find it by its values (independent of the sampler's offsets)
+        data = cases[patch["case"]][0]
+        value = patch["image"][0, 0, 0, 0]
+        where = np.argwhere(data[0] == value)
+        assert len(where) == 1
+        z, y, x = where[0]
+        assert np.array_equal(patch["image"][0], data[0, z : z + 16, y : y + 16, x : x + 16])
+    again = sample_patches(list(cases), cases.__getitem__, (16, 16, 16), 7, seed=3)
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(patches, again, strict=True))
+    other = sample_patches(list(cases), cases.__getitem__, (16, 16, 16), 7, seed=4)
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(patches, other, strict=True))
+
+
+def test_small_cases_are_padded_at_varying_offsets_and_foreground_is_oversampled():
+    data, seg, properties = _case((10, 12, 16), foreground=(7, 3, 12))
+    patches = sample_patches(["small"], lambda key: (data, seg, properties), (16, 16, 16), 9, seed=0)
+    offsets = set()
+    for i, patch in enumerate(patches):
+        inside = np.argwhere(patch["image"][0] != 0)
+        assert len(inside) == data[0].size  # the whole case, padded with 0 around it
+        lower = tuple(inside.min(axis=0))
+        offsets.add(lower)
+        assert np.array_equal(
+            patch["image"][0][tuple(slice(lo, lo + n) for lo, n in zip(lower, (10, 12, 16), strict=True))],
+            data[0],
+        )
+        if i % 3 == 2:  # every third patch holds a voxel of a foreground class
+            assert (patch["label"] == 1).sum() == 1
+    assert len(offsets) > 1  # random placement: the detector's validation scores have a spread
+
+
+def test_patch_labels_mark_the_ignore_label_unlabelled():
+    data, seg, properties = _case((16, 16, 16))
+    seg[0, 4:8] = 2  # the ignore label of a dataset with labels 0, 1 and ignore = 2
+    seg[0, 8:10] = 1
+    (patch,) = sample_patches(["c"], lambda key: (data, seg, properties), (16, 16, 16), 1, ignore_label=2)
+    expected = np.where(seg == 2, -1, np.maximum(seg, 0))
+    assert np.array_equal(patch["label"], expected)
+
+
+def test_2d_patches_of_a_3d_case_are_slices():
+    data, seg, properties = _case((5, 20, 24))
+    patches = sample_patches(["c"], lambda key: (data, seg, properties), (16, 16), 4, seed=1)
+    for patch in patches:
+        assert patch["image"].shape == (1, 16, 16) and patch["label"].shape == (1, 16, 16)
+        z = [k for k in range(5) if np.isin(patch["image"][0, 0, 0], data[0, k]).any()]
+        assert len(z) == 1
+
+
+def test_sample_patches_refuses_nothing_to_sample():
+    with pytest.raises(ValueError, match="no cases"):
+        sample_patches([], lambda key: None, (16, 16, 16), 4)
+    with pytest.raises(ValueError, match="count"):
+        sample_patches(["a"], lambda key: None, (16, 16, 16), 0)
+
+
+# ---------------------------------------------------------------------------------------------- detector and tiling
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """The wrapped network (deep supervision on, as trained) and its default detector fitted on patches."""
     net = _wrapped()
-    for shape in [(20, 24, 40), (10, 16, 16), (16, 16, 16)]:
-        score = predict_score_map(net, torch.randn(1, *shape), (16, 16, 16), 0.5)
-        assert score.shape == shape and score.dtype == torch.float32
-        assert torch.isfinite(score).all() and score.min() >= 0
-    data = torch.randn(1, 16, 16, 16)  # one tile: exactly the upsampled map of the encoder pass
-    expected = net.ood(data[None]).score_map_upsampled[0, 0]
-    assert torch.allclose(predict_score_map(net, data, (16, 16, 16)), expected, atol=1e-5)
+    cases = {f"c{i}": _case((18, 20, 22), seed=i, foreground=(9, 10, 11)) for i in range(4)}
+    train = sample_patches(["c0", "c1", "c2"], cases.__getitem__, (16, 16, 16), 6, seed=0)
+    val = sample_patches(["c3"], cases.__getitem__, (16, 16, 16), 4, seed=1)
+    detector = fit_detector(net, train, val, num_classes=3, fusion="sum")
+    return net, detector, cases
+
+
+def test_the_detector_reads_the_registry_stages_with_deep_supervision_off(fitted):
+    net, detector, _ = fitted
+    assert detector.layers == ["encoder.stages.0", "encoder.stages.1", "encoder.stages.2"]
+    assert net.decoder.deep_supervision is True  # restored after the fit
+    with deep_supervision_off(net):
+        assert net.decoder.deep_supervision is False
+        logits, _, _ = detector.segment_and_score(torch.randn(1, 1, 16, 16, 16))
+        with torch.no_grad():
+            reference = net.backbone(torch.randn(1, 1, 16, 16, 16))
+    assert net.decoder.deep_supervision is True
+    assert logits.shape == reference.shape == (1, 3, 16, 16, 16)
+
+
+def test_score_case_covers_the_case_whatever_its_size(fitted):
+    _, detector, _ = fitted
+    # nnU-Net's tiling at step 0.5 of a 16-voxel patch: ceil((n - 16) / 8) + 1 tiles per axis
+    for shape, tiles in [((20, 16, 34), 2 * 1 * 4), ((10, 16, 16), 1)]:
+        case = score_case(detector, torch.randn(1, *shape), (16, 16, 16), 0.5)
+        assert case.score_map.shape == shape and case.score_map.dtype == torch.float32
+        assert torch.isfinite(case.score_map).all() and case.score_map.min() >= 0
+        assert case.tile_scores.shape == (tiles,) and torch.isfinite(case.tile_scores).all()
+    data = torch.randn(1, 16, 16, 16)  # one tile: exactly the detector's own map and score
+    expected = detector.predict(data[None])
+    case = score_case(detector, data, (16, 16, 16))
+    assert torch.allclose(case.score_map, expected.score_map[0, 0], atol=1e-5)
+    assert case.image_score == pytest.approx(float(expected.image_score[0]), rel=1e-6)
+
+
+def test_the_image_score_is_the_mean_of_the_tiles_scores(fitted):
+    _, detector, _ = fitted
+    data = torch.randn(1, 16, 16, 32)  # tiles start at 0, 8 and 16 along the last axis
+    tiles = torch.stack([data[:, :, :, s : s + 16] for s in (0, 8, 16)])
+    expected = detector.predict(tiles).image_score.double()
+    case = score_case(detector, data, (16, 16, 16), 0.5)
+    assert torch.allclose(case.tile_scores, expected, rtol=1e-5)
+    assert case.image_score == pytest.approx(float(expected.mean()), rel=1e-5)
 
 
 def test_2d_configuration_scores_3d_cases_slice_by_slice():
-    net = _wrapped(dims=2)
+    torch.manual_seed(0)
+    net = nnUNetPrototypeOODNet(_plain_unet(dims=2), num_classes=3, head_channels=8)
+    rng = np.random.default_rng(0)
+    items = [{"image": rng.standard_normal((1, 16, 16)).astype(np.float32), "label": None} for _ in range(6)]
+    detector = fit_detector(net, items[:4], items[4:], num_classes=3, fusion="sum")
     data = torch.randn(1, 3, 20, 16)
-    score = predict_score_map(net, data, (16, 16), 0.5)
-    assert score.shape == (3, 20, 16)
-    assert torch.allclose(score[1], predict_score_map(net, data[:, 1], (16, 16), 0.5))
+    case = score_case(detector, data, (16, 16), 0.5)
+    assert case.score_map.shape == (3, 20, 16) and case.tile_scores.shape == (3 * 2,)
+    assert torch.allclose(case.score_map[1], score_case(detector, data[:, 1], (16, 16), 0.5).score_map)
 
 
-def test_calibration_values_leave_out_padding():
-    net = _wrapped()
-    values = list(feature_score_values(net, torch.randn(1, 8, 16, 16), (16, 16, 16)))
-    # one tile padded from 8 to 16 along the first axis: the feature grid is 4^3, half of it image
-    assert len(values) == 1 and values[0].numel() == 2 * 4 * 4
+def test_calibration_values_leave_out_padding(fitted):
+    _, detector, _ = fitted
+    values = list(map_values(detector, torch.randn(1, 8, 16, 16), (16, 16, 16)))
+    # one tile padded from 8 to 16 along the first axis; the map is at stage 0, the full patch: half real
+    assert len(values) == 1 and values[0].numel() == 8 * 16 * 16
 
 
-def test_calibration_file_names():
+def test_file_names_beside_the_checkpoint():
     assert calibration_path("fold_0").name == "ood_calibration.json"
     assert calibration_path("fold_0", "checkpoint_best.pth").name == "ood_calibration_checkpoint_best.json"
+    assert detector_path("fold_0").name == "ood_detector.pt"
+    assert detector_path("fold_0", "checkpoint_best.pth").name == "ood_detector_checkpoint_best.pt"
+
+
+# ---------------------------------------------------------------------------------------------- calibration record
+
+
+def test_the_calibration_record_is_bound_to_weights_and_detector(fitted, tmp_path):
+    net, detector, cases = fitted
+    calibration = fit_calibration(detector, net, [cases["c3"][0]], (16, 16, 16), 0.5, {"fold": 0})
+    path = calibration.save(tmp_path / "ood_calibration.json")
+    record = json.loads(path.read_text())
+    assert (record["map"], record["front_end"], record["metadata"]) == ("fused", "nnunet", {"fold": 0})
+    assert record["fingerprint"] == fingerprint(net.state_dict(), detector.to_state())
+    # the values it was fitted on: the detector's maps of the case's tiles, recomputed here
+    values = torch.cat(list(map_values(detector, cases["c3"][0], (16, 16, 16))))
+    reference = WeibullCalibrator().fit(values)
+    assert calibration.weibull.shape == pytest.approx(reference.shape)
+    loaded = load_calibration(path, net.state_dict(), detector)
+    assert isinstance(loaded, Calibration) and loaded.weibull.scale == pytest.approx(
+        calibration.weibull.scale
+    )
+    assert load_calibration(tmp_path / "missing.json", net, detector) is None
+
+
+def test_a_stale_calibration_is_refused_in_one_line(fitted, tmp_path):
+    net, detector, cases = fitted
+    path = fit_calibration(detector, net, [cases["c3"][0]], (16, 16, 16)).save(tmp_path / "cal.json")
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    weights["backbone.encoder.stages.0.0.convs.0.conv.weight"] += 1e-3  # a retrained fold
+    with pytest.raises(ValueError) as error:
+        load_calibration(path, weights, detector, remedy="calibrate again with: CMD")
+    message = str(error.value)
+    assert (
+        "\n" not in message and "other weights" in message and message.endswith("(calibrate again with: CMD)")
+    )
+    refit = fit_detector(net, detector_items(cases, 0), detector_items(cases, 1), num_classes=3, fusion="max")
+    with pytest.raises(ValueError, match="another detector"):  # same weights, another detector
+        load_calibration(path, net, refit)
+
+
+def detector_items(cases, seed):
+    return sample_patches(sorted(cases), cases.__getitem__, (16, 16, 16), 4, seed=seed)
+
+
+def test_an_old_format_calibration_is_refused_in_one_line(fitted, tmp_path):
+    net, detector, _ = fitted
+    path = tmp_path / "ood_calibration.json"  # what monai-ood wrote before the record: a bare Weibull fit
+    WeibullCalibrator().fit(np.random.default_rng(0).weibull(2.0, 500)).save(path)
+    with pytest.raises(ValueError) as error:
+        load_calibration(path, net, detector, remedy="CMD")
+    assert "\n" not in str(error.value) and "bare Weibull fit" in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------- geometry

@@ -3,10 +3,13 @@
 * :class:`nnUNetTrainerPrototypeOOD` (and :class:`PrototypeOODTrainerMixin` for other trainer variants):
   ``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerPrototypeOOD`` once ``nnUNet_extTrainer`` points
   at :func:`trainer_folder` (``python -m monai_ood.integrations.nnunet env`` prints the line).
-* :class:`nnUNetPrototypeOODPredictor`: nnU-Net's predictor writing ``A`` and ``A_xi`` beside the
-  segmentations (``python -m monai_ood.integrations.nnunet predict ...``).
-* Calibration on the validation fold, stored as ``fold_<f>/ood_calibration.json``
-  (:mod:`~monai_ood.integrations.nnunet.calibration`).
+* The project's default detector (:class:`~monai_ood.detectors.FusedDetector`) on nnU-Net's encoder
+  stages, fitted at the end of training on patches of the fold's cases and stored as
+  ``fold_<f>/ood_detector.pt`` (:mod:`~monai_ood.integrations.nnunet.detector`), and the calibration of
+  its map on the validation fold, the project's :class:`~monai_ood.calibration.Calibration` record,
+  stored as ``fold_<f>/ood_calibration.json`` (:mod:`~monai_ood.integrations.nnunet.calibration`).
+* :class:`nnUNetPrototypeOODPredictor`: nnU-Net's predictor writing the detector's ``A`` and ``A_xi``
+  beside the segmentations (``python -m monai_ood.integrations.nnunet predict ...``).
 
 Names are imported on first use, so ``env`` works without loading nnU-Net.
 """
@@ -26,8 +29,13 @@ _EXPORTS = {
     "calibration_path": "calibration",
     "fit_calibration": "calibration",
     "load_calibration": "calibration",
-    "predict_score_map": "sliding_window",
-    "feature_score_values": "sliding_window",
+    "model_fingerprint": "calibration",
+    "detector_path": "detector",
+    "fit_detector": "detector",
+    "sample_patches": "detector",
+    "CaseScores": "sliding_window",
+    "score_case": "sliding_window",
+    "map_values": "sliding_window",
     "map_to_original_array": "geometry",
     "map_to_input_image": "geometry",
     "export_line": "cli",

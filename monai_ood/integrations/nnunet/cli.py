@@ -1,4 +1,5 @@
-"""``python -m monai_ood.integrations.nnunet``: the export line, calibration and prediction with score maps.
+"""``python -m monai_ood.integrations.nnunet``: the export line, the detector's fit and calibration, and
+prediction with score maps.
 
 ::
 
@@ -7,8 +8,10 @@
     python -m monai_ood.integrations.nnunet predict -i imagesTs -o pred -d 1 -c 3d_fullres -f 0
     python -m monai_ood.integrations.nnunet calibrate 1 3d_fullres 0  # again, e.g. for checkpoint_best.pth
 
-Training calibrates by itself; ``calibrate`` is for a model whose calibration failed or is missing, or for
-another checkpoint (``-chk``).
+Training fits the default detector and its calibration by itself; ``calibrate`` fits both again (the
+calibration is bound to the detector and the weights), for a model whose fit failed, is missing or is
+stale, or for another checkpoint (``-chk``). ``predict`` refuses a stale or older-format calibration in
+one line.
 """
 
 from __future__ import annotations
@@ -80,11 +83,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from .calibration import calibration_path
+    from .detector import detector_path
     from .predictor import find_trainer_class
 
     trainer_class = find_trainer_class(args.tr)
-    if not hasattr(trainer_class, "calibrate_ood"):
-        raise SystemExit(f"{args.tr} is not a prototype OOD trainer (no calibrate_ood)")
+    if not hasattr(trainer_class, "fit_ood"):
+        raise SystemExit(f"{args.tr} is not a prototype OOD trainer (no fit_ood)")
     dataset_name = maybe_convert_to_dataset_name(args.dataset_name_or_id)
     preprocessed = join(nnUNet_preprocessed, dataset_name)
     plans = load_json(join(preprocessed, args.p + ".json"))
@@ -101,8 +105,14 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise SystemExit(f"no checkpoint {checkpoint!r}: train first (nnUNetv2_train ... -tr {args.tr})")
     trainer.initialize()
     trainer.load_checkpoint(checkpoint)
-    calibrator = trainer.calibrate_ood(args.chk)
-    print(f"{calibrator!r}\nwritten to {calibration_path(trainer.output_folder, args.chk)}")
+    try:
+        detector, calibration = trainer.fit_ood(args.chk)
+    except ValueError as error:
+        raise SystemExit(f"fitting the OOD detector or its calibration failed: {error}") from error
+    print(
+        f"default detector on {detector.layers}: {detector_path(trainer.output_folder, args.chk)}\n"
+        f"{calibration!r}\nwritten to {calibration_path(trainer.output_folder, args.chk)}"
+    )
     return 0
 
 
@@ -133,7 +143,10 @@ def _predict(args: argparse.Namespace) -> int:
         write_score_maps=not args.no_score_maps,
     )
     folds = None if args.f is None else [_fold(f) for f in args.f]
-    predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
+    try:
+        predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
+    except (FileNotFoundError, ValueError) as error:  # a missing detector, a stale calibration: one line
+        raise SystemExit(str(error)) from error
     if args.npp == 0 and args.nps == 0:
         predictor.predict_from_files_sequential(
             args.i,
@@ -162,8 +175,8 @@ def _predict(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m monai_ood.integrations.nnunet",
-        description="The prototype OOD head in nnU-Net v2: trainer discovery, calibration, prediction with "
-        "score maps. Train with nnU-Net's own command: nnUNetv2_train DATASET CONFIG FOLD -tr "
+        description="The prototype OOD head and the default detector in nnU-Net v2: trainer discovery, "
+        "the detector's fit and calibration, prediction with score maps. Train with nnU-Net's own command: nnUNetv2_train DATASET CONFIG FOLD -tr "
         f"{DEFAULT_TRAINER}.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser(
         "calibrate",
-        help="fit the Weibull calibration on the fold's validation cases, stored beside the checkpoint",
+        help="fit the default detector on the fold's cases and its Weibull calibration on the validation "
+        "cases, stored beside the checkpoint (ood_detector.pt, ood_calibration.json)",
     )
     cal.add_argument("dataset_name_or_id")
     cal.add_argument("configuration")

@@ -11,6 +11,10 @@ nnU-Net builds from its plans (``PlainConvUNet`` or ``ResidualEncoderUNet`` of
   (``network.decoder.deep_supervision = ...``) works;
 * ``forward(x, outliers, with_ood=True)`` is the whole training pass in one call, so the trainer goes
   through ``self.network(...)`` (and a ``DistributedDataParallel`` wrapper sees the call).
+
+The hooked layer and the default detector's layers come from the backbone registry
+(:data:`monai_ood.networks.presets.PRESETS`, entries ``plain_conv_unet`` and ``residual_encoder_unet``:
+stages ``encoder.stages.<i>``, the last one the bottleneck).
 """
 
 from __future__ import annotations
@@ -21,25 +25,27 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ...networks.presets import feature_layer_for, preset_of
 from ...networks.prototype_net import PrototypeOODNet
 
 __all__ = ["bottleneck_layer", "nnUNetPrototypeOODNet"]
 
 
 def bottleneck_layer(backbone: nn.Module) -> str:
-    """Dotted name of the encoder's last stage (the bottleneck) of a ``dynamic_network_architectures`` U-Net.
+    """Dotted name of the encoder's last stage (the bottleneck) of nnU-Net's U-Net, from the backbone
+    registry (:func:`monai_ood.networks.presets.feature_layer_for`: ``encoder.stages.<last>`` of a
+    ``PlainConvUNet`` or ``ResidualEncoderUNet``).
 
     Raises:
-        ValueError: if ``backbone`` has no ``encoder.stages``.
+        ValueError: for a network the registry does not know (one line naming the trainer settings).
     """
-    stages = getattr(getattr(backbone, "encoder", None), "stages", None)
-    if not isinstance(stages, nn.Sequential) or len(stages) == 0:
+    if preset_of(backbone) is None:
         raise ValueError(
-            f"{type(backbone).__name__} has no encoder.stages (expected a PlainConvUNet or "
-            "ResidualEncoderUNet from dynamic_network_architectures); set the trainer's ood_layer to the "
-            "dotted name of the layer to hook"
+            f"the backbone registry has no entry for {type(backbone).__name__} (nnU-Net's PlainConvUNet and "
+            "ResidualEncoderUNet are registered); set the trainer's ood_layer and ood_detector_layers to "
+            "dotted module names, or add the network to monai_ood.networks.presets.PRESETS"
         )
-    return f"encoder.stages.{len(stages) - 1}"
+    return feature_layer_for(backbone)
 
 
 def _stage_channels(backbone: nn.Module, layer: str) -> int | None:

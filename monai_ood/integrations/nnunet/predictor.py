@@ -1,18 +1,24 @@
-"""``nnUNetPrototypeOODPredictor``: nnU-Net's predictor that also writes the score maps ``A`` and ``A_xi``.
+"""``nnUNetPrototypeOODPredictor``: nnU-Net's predictor that also writes the default detector's maps.
 
 Segmentations are nnU-Net's own (same preprocessing, sliding window, mirroring, export). For every case
 written to ``<output>/<case><file_ending>`` the predictor adds, at the input's geometry:
 
-* ``<output>/<case>_score.nii.gz``: ``A(x) = min_k D_M``, raw Mahalanobis distances (float32);
+* ``<output>/<case>_score.nii.gz``: ``A(x)``, the map of the fold's default detector
+  (:class:`~monai_ood.detectors.FusedDetector`, stored as ``fold_<f>/ood_detector.pt``: its map terms,
+  each divided by its validation median, so about 1 on typical tissue; float32);
 * ``<output>/<case>_score_calibrated.nii.gz``: ``A_xi = WeibullCDF(A)`` in ``[0, 1]`` with the calibration
-  stored beside the checkpoint (``fold_<f>/ood_calibration.json``); skipped, with a warning, if there is none;
-* ``<output>/ood_scores.csv`` (and ``.json``): per case, ``image_score`` (the mean of ``A`` on nnU-Net's
-  preprocessed grid) and ``calibrated_degree`` (the mean of ``A_xi``).
+  stored beside the checkpoint (``fold_<f>/ood_calibration.json``); skipped, with a warning, if there is
+  none; a calibration of another format, map or weights is refused in one line;
+* ``<output>/ood_scores.csv`` (and ``.json``): per case, ``image_score`` (the mean of the detector's fused
+  image scores over nnU-Net's tiles of the case, as ``monai-ood score`` averages a 3D volume's windows;
+  higher = more atypical) and ``calibrated_degree`` (the mean of ``A_xi`` on nnU-Net's preprocessed grid).
 
-With several folds, each fold's map is computed with its weights and calibrated with its own calibration,
-then the maps are averaged (as nnU-Net averages the folds' logits). Score maps come from the encoder-only
-pass on nnU-Net's tiles (:mod:`~monai_ood.integrations.nnunet.sliding_window`), without mirroring.
-Outside nnU-Net's non-zero crop, where its segmentation is background, the maps are 0.
+With several folds, each fold's map and image score are computed with its weights and its detector, each
+map calibrated with the fold's own calibration, then maps and scores are averaged (as nnU-Net averages
+the folds' logits; each fold's detector chooses its own fusion rule, so compare image scores of cases
+predicted with the same folds). The detector runs on nnU-Net's tiles without mirroring
+(:mod:`~monai_ood.integrations.nnunet.sliding_window`). Outside nnU-Net's non-zero crop, where its
+segmentation is background, the maps are 0.
 
 Use it as ``nnUNetPredictor`` (``initialize_from_trained_model_folder`` + ``predict_from_files`` or
 ``predict_from_files_sequential``), or from the shell: ``python -m monai_ood.integrations.nnunet predict``.
@@ -46,11 +52,14 @@ from nnunetv2.utilities.label_handling.label_handling import (
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo import OptimizedModule
 
-from ...calibration import WeibullCalibrator
+from ...calibration import Calibration
+from ...detectors.fused import FusedDetector
+from ...engines.checkpoint import load_detector
 from ...files import atomic_write_text
-from .calibration import DEFAULT_CHECKPOINT, calibration_path, load_calibration
+from .calibration import calibration_path, load_calibration
+from .detector import DEFAULT_CHECKPOINT, detector_path
 from .geometry import map_to_input_image, map_to_original_array, write_map
-from .sliding_window import predict_score_map
+from .sliding_window import score_case
 
 __all__ = ["find_trainer_class", "nnUNetPrototypeOODPredictor"]
 
@@ -103,7 +112,8 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
         write_score_maps: ``False`` predicts segmentations only, exactly as ``nnUNetPredictor``.
 
     Attributes:
-        calibrators: one :class:`~monai_ood.calibration.WeibullCalibrator` (or ``None``) per fold.
+        detectors: the default detector of every fold (:class:`~monai_ood.detectors.FusedDetector`).
+        calibrations: one :class:`~monai_ood.calibration.Calibration` (or ``None``) per fold.
         ood_rows: the per-case table of the last prediction.
         ood_maps: maps of cases predicted without an output file, at the input geometry:
             ``{"score": array, "calibrated": array or None}`` per case, in order.
@@ -112,7 +122,8 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
     def __init__(self, *args, write_score_maps: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.write_score_maps = write_score_maps
-        self.calibrators: list[WeibullCalibrator | None] = []
+        self.detectors: list[FusedDetector] = []
+        self.calibrations: list[Calibration | None] = []
         self.ood_rows: list[dict[str, Any]] = []
         self.ood_maps: list[dict[str, np.ndarray | None]] = []
         self._inputs_of_output: dict[str, list[str]] = {}
@@ -126,7 +137,13 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
         checkpoint_name: str = DEFAULT_CHECKPOINT,
     ) -> None:
         """As ``nnUNetPredictor``'s, finding the trainer with :func:`find_trainer_class`, and loading each
-        fold's calibration."""
+        fold's default detector and calibration.
+
+        Raises:
+            FileNotFoundError: no checkpoint, or (with ``write_score_maps``) no detector for a fold.
+            ValueError: a detector that does not fit the network, or a calibration of another format,
+                map or weights (one line each, naming the command that fits them again).
+        """
         if use_folds is None:
             use_folds = nnUNetPredictor.auto_detect_available_folds(
                 model_training_output_dir, checkpoint_name
@@ -176,15 +193,39 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
             trainer_name,
             mirroring_axes,
         )
-        self.calibrators = [
-            load_calibration(calibration_path(join(model_training_output_dir, f"fold_{f}"), checkpoint_name))
-            for f in use_folds
-        ]
-        missing = [f for f, c in zip(use_folds, self.calibrators, strict=True) if c is None]
-        if missing and self.write_score_maps:
+        self.detectors, self.calibrations = [], []
+        if not self.write_score_maps:
+            return
+
+        def remedy(fold) -> str:
+            return (
+                f"python -m monai_ood.integrations.nnunet calibrate {plans_manager.dataset_name} "
+                f"{configuration_name} {fold} -tr {trainer_name} -p {plans_manager.plans_name} "
+                f"-chk {checkpoint_name}"
+            )
+
+        for fold, weights in zip(use_folds, parameters, strict=True):
+            folder = join(model_training_output_dir, f"fold_{fold}")
+            path = detector_path(folder, checkpoint_name)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"fold {fold} has no default detector ({path.name}), needed for score maps: fit it with "
+                    f"{remedy(fold)} (or predict with --no-score-maps)"
+                )
+            try:
+                detector = load_detector(path, network)
+            except ValueError as error:
+                message = " ".join(str(error).split())  # one line
+                raise ValueError(f"{message}: fit it again with {remedy(fold)}") from error
+            self.detectors.append(detector)
+            self.calibrations.append(
+                load_calibration(calibration_path(folder, checkpoint_name), weights, detector, remedy(fold))
+            )
+        missing = [f for f, c in zip(use_folds, self.calibrations, strict=True) if c is None]
+        if missing:
             warnings.warn(
                 f"no OOD calibration for fold(s) {missing} ({calibration_path('fold_X', checkpoint_name).name}): "
-                "writing raw score maps only; calibrate with: python -m monai_ood.integrations.nnunet calibrate ...",
+                f"writing raw score maps only; calibrate with: {remedy(missing[0] if len(missing) == 1 else 'FOLD')}",
                 stacklevel=2,
             )
 
@@ -194,33 +235,41 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
 
     # ------------------------------------------------------------------ score maps
 
-    def predict_ood_maps(self, data: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor | None]:
-        """``A`` and ``A_xi`` of one preprocessed case on the preprocessed grid, averaged over the folds.
+    def predict_ood_maps(self, data: torch.Tensor | np.ndarray) -> dict[str, Any]:
+        """``A``, ``A_xi`` and the image score of one preprocessed case on the preprocessed grid,
+        averaged over the folds.
 
         Returns:
-            ``{"score": (*spatial) float32 tensor, "calibrated": same or None}`` (``None`` unless every
-            fold has a calibration).
+            ``{"score": (*spatial) float32 tensor, "calibrated": same or None, "image_score": float}``
+            (``calibrated`` is ``None`` unless every fold has a calibration).
+
+        Raises:
+            RuntimeError: if the detectors were not loaded (``write_score_maps=False``).
         """
-        net = self.ood_network().to(self.device)  # maps come before nnU-Net moves the network
         parameters = self.list_of_parameters or [None]
-        calibrators = (
-            self.calibrators if len(self.calibrators) == len(parameters) else [None] * len(parameters)
-        )
-        scores, calibrated = [], []
-        for params, calibrator in zip(parameters, calibrators, strict=True):
-            if params is not None:
-                net.load_state_dict(params)
-            score = predict_score_map(
-                net,
-                data,
-                self.configuration_manager.patch_size,
-                self.tile_step_size,
-                self.device,
-                self.use_gaussian,
+        if len(self.detectors) != len(parameters):
+            raise RuntimeError(
+                "the predictor has no detectors for its folds: initialise it with write_score_maps=True"
             )
-            scores.append(score)
-            calibrated.append(calibrator.transform(score) if calibrator is not None else None)
-        out: dict[str, torch.Tensor | None] = {"score": torch.stack(scores).mean(0), "calibrated": None}
+        self.ood_network().to(self.device)  # maps come before nnU-Net moves the network
+        calibrations = (
+            self.calibrations if len(self.calibrations) == len(parameters) else [None] * len(parameters)
+        )
+        scores, calibrated, image_scores = [], [], []
+        for params, detector, calibration in zip(parameters, self.detectors, calibrations, strict=True):
+            if params is not None:
+                self.ood_network().load_state_dict(params)
+            case = score_case(
+                detector, data, self.configuration_manager.patch_size, self.tile_step_size, self.use_gaussian
+            )
+            scores.append(case.score_map)
+            image_scores.append(case.image_score)
+            calibrated.append(calibration.transform(case.score_map) if calibration is not None else None)
+        out: dict[str, Any] = {
+            "score": torch.stack(scores).mean(0),
+            "calibrated": None,
+            "image_score": float(np.mean(image_scores)),
+        }
         if all(c is not None for c in calibrated):
             out["calibrated"] = torch.stack(calibrated).mean(0)
         return out
@@ -233,10 +282,11 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
         input_files: list[str] | None = None,
     ) -> dict[str, Any]:
         """Compute the maps of one preprocessed case, write them beside ``ofile`` (or keep them) and return its row."""
-        maps = self.predict_ood_maps(data)
+        out = self.predict_ood_maps(data)
+        maps = {"score": out["score"], "calibrated": out["calibrated"]}
         row: dict[str, Any] = {
             "case": os.path.basename(ofile) if ofile is not None else str(len(self.ood_maps)),
-            "image_score": float(maps["score"].mean()),
+            "image_score": out["image_score"],
             "calibrated_degree": float(maps["calibrated"].mean()) if maps["calibrated"] is not None else None,
         }
         # back on the input's grid; clipped, since a higher-order resampling can overshoot the ranges
@@ -256,7 +306,7 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
         reference = input_files[0] if input_files else None
         suffixes = {"score": SCORE_SUFFIX, "calibrated": CALIBRATED_SUFFIX}
         notes = {
-            "score": "monai-ood A(x): min_k Mahalanobis",
+            "score": "monai-ood A(x): default detector map",
             "calibrated": "monai-ood A_xi: Weibull CDF of A",
         }
         for name, array in originals.items():

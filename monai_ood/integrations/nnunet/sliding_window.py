@@ -1,15 +1,16 @@
-"""Score maps ``A(x)`` of whole preprocessed nnU-Net cases, tile by tile as nnU-Net predicts them.
+"""The default detector on whole preprocessed nnU-Net cases, tile by tile as nnU-Net predicts them.
 
 nnU-Net predicts a case with overlapping patches (``tile_step_size`` 0.5 by default) blended by a
-Gaussian. The OOD head sees one patch at a time too: :func:`predict_score_map` runs the encoder-only
-OOD pass (:meth:`~monai_ood.networks.PrototypeOODNet.ood`) on the same tiles, upsamples each tile's
-feature-grid ``A`` to the patch and blends the tiles with nnU-Net's Gaussian, accumulating in float32
-(nnU-Net's own logits buffer is float16, which distances of OOD inputs can overflow).
-:func:`feature_score_values` yields the feature-grid values the Weibull calibration is fitted to (the
-maps before upsampling, as :func:`monai_ood.engines.calibrate` does), leaving out feature cells that lie
-mostly in the padding added to cases smaller than a patch.
+Gaussian. The detector (:class:`~monai_ood.detectors.FusedDetector`) sees one patch at a time too:
+:func:`score_case` runs :meth:`~monai_ood.detectors.FusedDetector.segment_and_score` on the same tiles,
+blends the tiles' fused maps (at the patch size) with nnU-Net's Gaussian, accumulating in float32
+(nnU-Net's own logits buffer is float16), and keeps every tile's fused image score; the case's image
+score is their mean (as ``monai-ood score`` averages the windows of a 3D volume). :func:`map_values`
+yields the values of the tiles' maps on the detector's own map grid that the Weibull calibration is
+fitted to (as :func:`monai_ood.engines.calibrate` does), leaving out map cells that lie mostly in the
+padding added to cases smaller than a patch.
 
-Mirroring test-time augmentation is not applied to score maps: the calibration is fitted to single
+Mirroring test-time augmentation is not applied to the detector: the calibration is fitted to single
 passes, and the maps describe the input as given.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,12 +26,28 @@ import torch.nn.functional as F
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
-from ...networks.prototype_net import PrototypeOODNet
+__all__ = ["CaseScores", "map_values", "score_case"]
 
-__all__ = ["feature_score_values", "predict_score_map"]
-
-# a feature cell counts for calibration when at least this fraction of it covers the image, not padding
+# a map cell counts for calibration when at least this fraction of it covers the image, not padding
 _MIN_REAL_FRACTION = 0.5
+
+
+@dataclass
+class CaseScores:
+    """The detector's scores of one case.
+
+    Attributes:
+        score_map: the blended fused map on the preprocessed grid, ``(*spatial)`` float32 (CPU).
+        tile_scores: the fused image score of every tile, ``(T,)`` float64 (CPU).
+    """
+
+    score_map: torch.Tensor
+    tile_scores: torch.Tensor
+
+    @property
+    def image_score(self) -> float:
+        """The case's image score: the mean of its tiles' fused image scores."""
+        return float(self.tile_scores.mean())
 
 
 def _as_tensor(data) -> torch.Tensor:
@@ -74,36 +92,37 @@ def _spatial_is_sliced(data: torch.Tensor, patch_size: Sequence[int]) -> bool:
     raise ValueError(f"patch size {tuple(patch_size)} does not fit data of shape {tuple(data.shape)}")
 
 
-@torch.inference_mode()
-def predict_score_map(
-    net: PrototypeOODNet,
+def score_case(
+    detector,
     data,
     patch_size: Sequence[int],
     tile_step_size: float = 0.5,
-    device: torch.device | str = "cpu",
     use_gaussian: bool = True,
-) -> torch.Tensor:
-    """The blended score map ``A(x)`` of one preprocessed case, on the preprocessed grid.
+) -> CaseScores:
+    """The detector's blended map and tile scores of one preprocessed case, on the preprocessed grid.
 
     Args:
-        net: the prototype network (in eval mode is set here).
+        detector: a fitted :class:`~monai_ood.detectors.FusedDetector` with a map term, on the network
+            (it runs where the network is).
         data: ``(C, *spatial)`` preprocessed case (tensor, array or blosc2 array).
         patch_size: nnU-Net's patch size of the configuration (2D patches on 3D data: slice by slice).
         tile_step_size: overlap of the tiles as nnU-Net's predictor uses it.
-        device: where the network runs.
         use_gaussian: blend tiles with nnU-Net's Gaussian (otherwise a plain average).
 
     Returns:
-        A float32 CPU tensor of shape ``spatial``.
+        :class:`CaseScores`: the map ``(*spatial)`` and the tiles' image scores.
+
+    Raises:
+        ValueError: if the detector has no map term.
     """
-    net.eval()
     data = _as_tensor(data)
     if _spatial_is_sliced(data, patch_size):
-        return torch.stack(
-            [
-                predict_score_map(net, data[:, d], patch_size, tile_step_size, device, use_gaussian)
-                for d in range(data.shape[1])
-            ]
+        parts = [
+            score_case(detector, data[:, d], patch_size, tile_step_size, use_gaussian)
+            for d in range(data.shape[1])
+        ]
+        return CaseScores(
+            torch.stack([p.score_map for p in parts]), torch.cat([p.tile_scores for p in parts])
         )
     gaussian = (
         compute_gaussian(
@@ -115,36 +134,38 @@ def predict_score_map(
     padded_shape, crop, tiles = _tiles(data, patch_size, tile_step_size)
     total = torch.zeros(padded_shape, dtype=torch.float32)
     weight = torch.zeros(padded_shape, dtype=torch.float32)
+    scores = []
     for tile, _, region in tiles:
-        ood = net.ood(tile[None].to(device))
-        total[region] += ood.score_map_upsampled[0, 0].float().cpu() * gaussian
+        _, out, _ = detector.segment_and_score(tile[None])
+        if out.score_map is None:
+            raise ValueError("the detector has no map term: there is no score map to write")
+        total[region] += out.score_map[0, 0].float().cpu() * gaussian
         weight[region] += gaussian
-    return (total / weight)[crop].contiguous()
+        scores.append(out.image_score.double().cpu().reshape(-1))
+    return CaseScores((total / weight)[crop].contiguous(), torch.cat(scores))
 
 
-@torch.inference_mode()
-def feature_score_values(
-    net: PrototypeOODNet,
-    data,
-    patch_size: Sequence[int],
-    tile_step_size: float = 0.5,
-    device: torch.device | str = "cpu",
+def map_values(
+    detector, data, patch_size: Sequence[int], tile_step_size: float = 0.5
 ) -> Iterator[torch.Tensor]:
-    """The feature-grid values of ``A(x)`` of every tile of one preprocessed case (for the Weibull fit).
+    """The values of the detector's map of every tile of one preprocessed case, on the map's own grid
+    (for the Weibull fit).
 
     Yields:
         1D float32 CPU tensors, one per tile, without the cells that lie mostly in padding.
     """
-    net.eval()
     data = _as_tensor(data)
     if _spatial_is_sliced(data, patch_size):
         for d in range(data.shape[1]):
-            yield from feature_score_values(net, data[:, d], patch_size, tile_step_size, device)
+            yield from map_values(detector, data[:, d], patch_size, tile_step_size)
         return
     _, _, tiles = _tiles(data, patch_size, tile_step_size)
     for tile, real, _ in tiles:
-        score_map = net.ood(tile[None].to(device)).score_map[0, 0].float().cpu()
-        fraction = F.interpolate(real[None, None], size=score_map.shape, mode="area")[0, 0]
-        values = score_map[fraction >= _MIN_REAL_FRACTION]
+        low = detector.segment_and_score(tile[None])[2]
+        if low is None:
+            raise ValueError("the detector has no map term: there is no map to calibrate")
+        low = low[0, 0].float().cpu()
+        fraction = F.interpolate(real[None, None], size=low.shape, mode="area")[0, 0]
+        values = low[fraction >= _MIN_REAL_FRACTION]
         if values.numel():
             yield values

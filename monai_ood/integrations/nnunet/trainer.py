@@ -16,8 +16,15 @@ loss, optimiser, schedule, checkpoints, validation, is nnU-Net's own):
 * **Logging**: ``train_ood_losses`` and ``val_ood_losses`` (``L_out`` per epoch) are registered with
   nnU-Net's logger and written to the training log beside nnU-Net's losses (which stay the
   segmentation loss, so ``progress.png`` reads as usual).
-* **Calibration**: at the end of training the Weibull calibration is fitted to the validation fold's
-  score maps and stored as ``fold_<f>/ood_calibration.json`` beside ``checkpoint_final.pth``.
+* **Default detector and calibration** (:meth:`~PrototypeOODTrainerMixin.fit_ood`): at the end of
+  training the project's default detector (:class:`~monai_ood.detectors.FusedDetector`, terms on the
+  encoder stages ``encoder.stages.<i>``) is fitted on patches of the fold's preprocessed training cases
+  (standardisation and fusion choice on patches of its validation cases;
+  :mod:`~monai_ood.integrations.nnunet.detector`) and stored as ``fold_<f>/ood_detector.pt``; the
+  Weibull calibration of its map on the validation cases' sliding-window tiles is stored as
+  ``fold_<f>/ood_calibration.json`` (:class:`monai_ood.calibration.Calibration`), both beside
+  ``checkpoint_final.pth``. The trained head is what shapes the encoder the detector reads; the
+  predictor writes the detector's map.
 * ``torch.compile`` is not used (the head works through forward hooks and encoder-only passes).
 
 Region-based training (``regions_class_order``) is not supported: prototypes are per class.
@@ -52,9 +59,13 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
+from ...calibration import Calibration
+from ...detectors.fused import SELECTION_OPS, FusedDetector
+from ...engines.checkpoint import save_detector
 from ...losses import OutlierExposureLoss, labels_to_feature_grid, log_prob_inclusion
-from ...transforms.outlier_synthesis import DEFAULT_OPS, OutlierSynthesis
-from .calibration import DEFAULT_CHECKPOINT, calibration_path, fit_calibration, save_calibration
+from ...transforms.outlier_synthesis import PAPER_OPS, OutlierSynthesis
+from .calibration import calibration_path, fit_calibration
+from .detector import DEFAULT_CHECKPOINT, deep_supervision_off, detector_path, fit_detector, sample_patches
 from .network import nnUNetPrototypeOODNet
 
 __all__ = ["OutlierChannels", "PrototypeOODTrainerMixin", "masked_inlier_term", "nnUNetTrainerPrototypeOOD"]
@@ -133,7 +144,17 @@ class PrototypeOODTrainerMixin:
         ood_outlier_norm: how batch norms treat outliers (``"running"`` or ``"batch"``).
         ood_outlier_ops: operations :class:`~monai_ood.transforms.OutlierSynthesis` picks from.
         ood_outlier_kwargs: further arguments of :class:`~monai_ood.transforms.OutlierSynthesis`.
-        ood_calibrate: fit and store the Weibull calibration at the end of training.
+        ood_calibrate: fit and store the default detector and its calibration at the end of training.
+        ood_detector_layers: the stages the detector's terms read; ``None`` = the backbone registry's
+            encoder stages ``encoder.stages.<i>``.
+        ood_detector_fusion: the detector's fusion rule, ``"auto"`` (chosen on synthesised outliers) or
+            one of ``"sum"``, ``"max"``, ``"hazard"``.
+        ood_detector_selection_ops: the outlier ops the ``"auto"`` choice is made on (the core's
+            :data:`~monai_ood.detectors.fused.SELECTION_OPS`; each costs one pass over the validation
+            patches).
+        ood_detector_train_patches: patches of the training cases the detector's terms are fitted on.
+        ood_detector_val_patches: patches of the validation cases it is standardised (and its fusion
+            rule chosen) on.
         ood_tile_step_size: tile overlap of the calibration's sliding window (nnU-Net's default 0.5).
     """
 
@@ -142,9 +163,14 @@ class PrototypeOODTrainerMixin:
     ood_head_act: Any = "PRELU"
     ood_layer: str | None = None
     ood_outlier_norm: str = "running"
-    ood_outlier_ops: Sequence[str] = DEFAULT_OPS
+    ood_outlier_ops: Sequence[str] = PAPER_OPS
     ood_outlier_kwargs: Mapping[str, Any] = MappingProxyType({})
     ood_calibrate: bool = True
+    ood_detector_layers: Sequence[str] | None = None
+    ood_detector_fusion: str = "auto"
+    ood_detector_selection_ops: Sequence[str] = SELECTION_OPS
+    ood_detector_train_patches: int = 64
+    ood_detector_val_patches: int = 32
     ood_tile_step_size: float = 0.5
 
     def __init__(
@@ -350,76 +376,121 @@ class PrototypeOODTrainerMixin:
         super().load_checkpoint(filename_or_checkpoint)
         self._register_ood_log_keys()  # a checkpoint's logging replaces the logger's
 
-    # ------------------------------------------------------------------ calibration
+    # ------------------------------------------------------------------ detector and calibration
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self.ood_calibrate and self.local_rank == 0:
+        if self.local_rank != 0:
+            return
+        for path in (detector_path(self.output_folder), calibration_path(self.output_folder)):
+            path.unlink(missing_ok=True)  # fitted on the weights of an earlier training of this fold
+        if self.ood_calibrate:
             try:
-                self.calibrate_ood()
-            except ValueError as error:  # a failed fit must not lose the finished training
+                self.fit_ood()
+            except (ValueError, RuntimeError) as error:  # a failed fit must not lose the finished training
                 self.print_to_log_file(
-                    f"WARNING: the OOD calibration failed ({error}); score maps can still be written, "
-                    "calibrated ones need: python -m monai_ood.integrations.nnunet calibrate ..."
+                    f"WARNING: fitting the OOD detector or its calibration failed ({error}); segmentations "
+                    "still work, score maps need: python -m monai_ood.integrations.nnunet calibrate "
+                    f"{self.plans_manager.dataset_name} {self.configuration_name} {self.fold} -tr "
+                    f"{type(self).__name__} -p {self.plans_manager.plans_name}"
                 )
 
-    def _validation_cases(self):
-        _, val_keys = self.do_split()
-        dataset = self.dataset_class(
+    def _dataset(self, keys: Sequence[str]):
+        return self.dataset_class(
             self.preprocessed_dataset_folder,
-            val_keys,
+            list(keys),
             folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage,
         )
 
-        def cases():
-            for key in dataset.identifiers:
-                data, _, seg_prev, _ = dataset.load_case(key)
-                data = data[:]
-                if self.is_cascaded:
-                    one_hot = convert_labelmap_to_one_hot(
-                        seg_prev[:], self.label_manager.foreground_labels, output_dtype=data.dtype
-                    )
-                    data = np.vstack((data, one_hot))
-                yield data
+    def _case_loader(self, keys: Sequence[str]):
+        """``load(key) -> (data, seg, properties)`` of preprocessed cases, the previous stage's one-hot
+        segmentation appended to the data for a cascade (as nnU-Net's data loader does)."""
+        dataset = self._dataset(keys)
 
-        return list(dataset.identifiers), cases()
+        def load(key: str):
+            data, seg, seg_prev, properties = dataset.load_case(key)
+            if self.is_cascaded:
+                one_hot = convert_labelmap_to_one_hot(
+                    seg_prev[:], self.label_manager.foreground_labels, output_dtype=np.float32
+                )
+                data = np.vstack((np.asarray(data[:], dtype=np.float32), one_hot))
+            return data, seg, properties
 
-    def calibrate_ood(self, checkpoint_name: str = DEFAULT_CHECKPOINT):
-        """Fit the Weibull calibration on the validation fold with the current weights and store it.
+        return load
+
+    def fit_ood(self, checkpoint_name: str = DEFAULT_CHECKPOINT) -> tuple[FusedDetector, Calibration]:
+        """Fit the default detector and its calibration with the current weights and store both.
+
+        The detector is fitted on ``ood_detector_train_patches`` patches of the fold's training cases and
+        standardised on ``ood_detector_val_patches`` patches of its validation cases
+        (:mod:`~monai_ood.integrations.nnunet.detector`); the calibration is the Weibull fit of its map on
+        the validation cases' sliding-window tiles (:mod:`~monai_ood.integrations.nnunet.calibration`).
 
         Args:
-            checkpoint_name: the checkpoint these weights are saved in; names the calibration file
-                (:func:`~monai_ood.integrations.nnunet.calibration.calibration_path`).
+            checkpoint_name: the checkpoint these weights are saved in; names the files
+                (``ood_detector.pt`` and ``ood_calibration.json`` for ``checkpoint_final.pth``).
 
         Returns:
-            The fitted :class:`~monai_ood.calibration.WeibullCalibrator`.
+            ``(detector, calibration)``.
+
+        Raises:
+            ValueError: without validation cases, or for a fit the detector or the Weibull rejects.
         """
         net = self.ood_network()
+        train_keys, val_keys = self.do_split()
+        if not val_keys:
+            raise ValueError(f"fold {self.fold} has no validation cases to standardise and calibrate on")
+        patch_size = [int(p) for p in self.configuration_manager.patch_size]
+        ignore = self.label_manager.ignore_label
+        train = sample_patches(
+            train_keys, self._case_loader(train_keys), patch_size, self.ood_detector_train_patches, 0, ignore
+        )
+        val = sample_patches(
+            val_keys, self._case_loader(val_keys), patch_size, self.ood_detector_val_patches, 1, ignore
+        )
         was_training = net.training
-        keys, cases = self._validation_cases()
-        if not keys:
-            raise ValueError(f"fold {self.fold} has no validation cases to calibrate on")
         try:
-            calibrator = fit_calibration(
-                net, cases, self.configuration_manager.patch_size, self.ood_tile_step_size, self.device
-            )
+            with deep_supervision_off(net):
+                detector = fit_detector(
+                    net,
+                    train,
+                    val,
+                    num_classes=self.label_manager.num_segmentation_heads,
+                    layers=self.ood_detector_layers,
+                    fusion=self.ood_detector_fusion,
+                    batch_size=int(self.configuration_manager.batch_size),
+                    selection_ops=tuple(self.ood_detector_selection_ops),
+                )
+                del train, val
+                detector_file = save_detector(detector_path(self.output_folder, checkpoint_name), detector)
+                load = self._case_loader(val_keys)
+                metadata = {
+                    "fold": self.fold,
+                    "checkpoint": checkpoint_name,
+                    "cases": list(val_keys),
+                    "trainer": type(self).__name__,
+                    "plans": self.plans_manager.plans_name,
+                    "configuration": self.configuration_name,
+                    "detector": detector_file.name,
+                    "tile_step_size": self.ood_tile_step_size,
+                }
+                calibration = fit_calibration(
+                    detector,
+                    net,
+                    (load(key)[0] for key in val_keys),
+                    patch_size,
+                    self.ood_tile_step_size,
+                    metadata,
+                )
         finally:
             net.train(was_training)
-        path = calibration_path(self.output_folder, checkpoint_name)
-        metadata = {
-            "trainer": type(self).__name__,
-            "plans": self.plans_manager.plans_name,
-            "configuration": self.configuration_name,
-            "fold": self.fold,
-            "checkpoint": checkpoint_name,
-            "layer": net.layer,
-            "head_channels": net.num_dims,
-            "tile_step_size": self.ood_tile_step_size,
-            "validation_cases": keys,
-        }
-        save_calibration(calibrator, path, metadata)
-        self.print_to_log_file(f"OOD calibration on {len(keys)} validation case(s): {calibrator!r} -> {path}")
-        return calibrator
+        path = calibration.save(calibration_path(self.output_folder, checkpoint_name))
+        self.print_to_log_file(
+            f"OOD detector on {detector.layers} ({len(detector.terms)} terms, fusion "
+            f"{detector.selection_.get('chosen', detector.fusion_)!r}) -> {detector_file}; calibration on "
+            f"{len(val_keys)} validation case(s): {calibration!r} -> {path}"
+        )
+        return detector, calibration
 
 
 class nnUNetTrainerPrototypeOOD(PrototypeOODTrainerMixin, nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)

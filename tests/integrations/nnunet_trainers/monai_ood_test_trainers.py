@@ -13,6 +13,11 @@ class nnUNetTrainerPrototypeOOD_Smoke(nnUNetTrainerPrototypeOOD):  # noqa: N801 
     ood_head_channels = 16
     # 32^3 patches: a gentler deformation than the default 7.5 voxels between 7 control points
     ood_outlier_kwargs = {"elastic_max_displacement": 2.0, "swap_patch_size": 8}
+    # the default detector on a few patches (4 training cases, 2 validation cases)
+    ood_detector_train_patches = 8
+    ood_detector_val_patches = 3
+    # the automatic fusion choice on three of the core's outlier ops (a global, a local, a geometric one)
+    ood_detector_selection_ops = ("gamma", "local_noise", "rotate180")
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):  # noqa: B008
         super().__init__(plans, configuration, fold, dataset_json, device)
