@@ -25,7 +25,6 @@ from pathlib import Path
 
 from .files import (
     LOCK_NAME,
-    AtomicFileSet,
     atomic_write,
     atomic_write_text,
     check_writable,
@@ -429,33 +428,6 @@ class _Stopped(Exception):
         )
 
 
-def _write_map_set(scored, paths: dict[str, Path], reference: Path | None) -> None:
-    """Write one input's maps as a set: all of them appear, or (after an error) none.
-
-    Outputs already there are replaced: the run vetted them before any work (--overwrite, --resume).
-    """
-    from .io import write_image
-
-    # one full-size output at a time: each is made on the input's grid when written, then dropped
-    images = {"segmentation": ("label", None), "score_map": ("map", "monai-ood A(x)")}
-    if scored.has_calibrated_map:
-        images["calibrated_map"] = ("map", "monai-ood A_xi")
-    with AtomicFileSet(overwrite=True) as files:
-        for key, (kind, description) in images.items():
-
-            def write(temporary: Path, key=key, kind=kind, description=description) -> None:
-                write_image(
-                    getattr(scored, key),
-                    temporary,
-                    reference,
-                    kind=kind,
-                    overwrite=True,
-                    description=description,
-                )
-
-            files.write(paths[key], write)
-
-
 def _cmd_score(args) -> int:
     from dataclasses import replace
 
@@ -597,7 +569,7 @@ def _cmd_score(args) -> int:
                     save(path)
                     continue
                 try:
-                    _write_map_set(scored, paths, path if path.is_file() else None)
+                    scored.write(paths, path if path.is_file() else None)
                 except ValueError as error:  # the maps do not fit the input (write_image's checks)
                     fail(path, _error_line(error))
                     save(path)

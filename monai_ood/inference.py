@@ -22,6 +22,9 @@ Image-level numbers (the table of ``monai-ood score``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -92,6 +95,43 @@ class ScoredImage:
     @property
     def has_calibrated_map(self) -> bool:
         return self._images["calibrated_map"] is not None
+
+    #: what each output is written as: (kind for write_image, description in the file's header)
+    OUTPUTS = {
+        "segmentation": ("label", None),
+        "score_map": ("map", "monai-ood A(x)"),
+        "calibrated_map": ("map", "monai-ood A_xi"),
+    }
+
+    def write(self, paths: Mapping[str, Path], reference: Path | None = None) -> None:
+        """Write the outputs named in ``paths`` (keys of :attr:`OUTPUTS`) as one set: all of them appear,
+        or after an error none (temporary files, renamed together). Existing files are replaced (the
+        caller vets them before any work); one full-size image at a time is made, written, dropped.
+
+        Args:
+            paths: where each output goes (``calibrated_map`` only when :attr:`has_calibrated_map`).
+            reference: the input file, whose NIfTI affine and header the maps copy bit for bit.
+        """
+        from .files import AtomicFileSet
+        from .io import write_image
+
+        if "calibrated_map" in paths and not self.has_calibrated_map:
+            raise ValueError("there is no calibrated map to write: the model has no calibration")
+        with AtomicFileSet(overwrite=True) as files:
+            for key, target in paths.items():
+                kind, description = self.OUTPUTS[key]
+
+                def write(temporary: Path, key=key, kind=kind, description=description) -> None:
+                    write_image(
+                        getattr(self, key),
+                        temporary,
+                        reference,
+                        kind=kind,
+                        overwrite=True,
+                        description=description,
+                    )
+
+                files.write(target, write)
 
 
 def _device_of(net: torch.nn.Module) -> torch.device:

@@ -26,9 +26,8 @@ from monai.inferers import Inferer
 from monai.utils import look_up_option
 from torch import nn
 
-from ..files import AtomicFileSet
 from ..inference import ScoredImage, score_image
-from ..io import output_stem, read_image, write_image
+from ..io import output_stem, read_image
 from ..io.tables import ScoreTable, volume_row
 from ..preprocessing import SlicePreprocessing
 from .posthoc import unwrap_network
@@ -42,11 +41,8 @@ _FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}  # the --format choices of mona
 # its row says failed and the other inputs are scored; anything else is a bug and stops the run
 _INPUT_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)
 # the maps of one input, as monai-ood score writes them: (key of ScoredImage, file postfix, kind, description)
-_OUTPUTS = (
-    ("segmentation", "seg", "label", None),
-    ("score_map", "score", "map", "monai-ood A(x)"),
-    ("calibrated_map", "score_calibrated", "map", "monai-ood A_xi"),
-)
+#: the file name postfix of each output, as ``monai-ood score`` names them
+_POSTFIXES = {"segmentation": "seg", "score_map": "score", "calibrated_map": "score_calibrated"}
 
 
 class DetectorInferer(Inferer):
@@ -122,7 +118,7 @@ class ScoreImageStep:
     def _paths(self, stem: str, calibrated: bool) -> dict[str, Path]:
         return {
             key: self.output_dir / f"{stem}_{postfix}{self.suffix}"
-            for key, postfix, _, _ in _OUTPUTS
+            for key, postfix in _POSTFIXES.items()
             if calibrated or key != "calibrated_map"
         }
 
@@ -134,7 +130,8 @@ class ScoreImageStep:
         paths = self._paths(stem, calibrated)
         try:
             scored = inferer(read_image(path), network)
-            self._write(scored, paths, path if path.is_file() else None)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            scored.write(paths, path if path.is_file() else None)
         except _INPUT_ERRORS as error:
             return self._record(stem, volume_row(path, "failed", paths, " ".join(str(error).split())))
         row = volume_row(path, "ok", paths, scored=scored)
@@ -149,23 +146,6 @@ class ScoreImageStep:
         self.table.write()
         self.rows.append(row)
         return row
-
-    def _write(self, scored: ScoredImage, paths: dict[str, Path], reference: Path | None) -> None:
-        """The maps of one input as one set (all of them appear, or after an error none), one full-size
-        image at a time."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with AtomicFileSet(overwrite=True) as files:
-            for key, _, kind, description in _OUTPUTS:
-                if key not in paths:
-                    continue
-
-                def write(temporary: Path, key=key, kind=kind, description=description) -> None:
-                    image = getattr(scored, key)
-                    write_image(
-                        image, temporary, reference, kind=kind, overwrite=True, description=description
-                    )
-
-                files.write(paths[key], write)
 
     def finish(self) -> list[dict]:
         """After the run: the rows of this run; stops with one line if any input failed.
