@@ -40,7 +40,6 @@ _FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}  # the --format choices of mona
 # what an input can do wrong (unreadable, no contrast, NaN outputs, maps that do not fit it, a full disk):
 # its row says failed and the other inputs are scored; anything else is a bug and stops the run
 _INPUT_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)
-# the maps of one input, as monai-ood score writes them: (key of ScoredImage, file postfix, kind, description)
 #: the file name postfix of each output, as ``monai-ood score`` names them
 _POSTFIXES = {"segmentation": "seg", "score_map": "score", "calibrated_map": "score_calibrated"}
 
