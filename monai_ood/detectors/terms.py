@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.utils import look_up_option
 
 from ..calibration.weibull import NotFittedError
+from ..networks.feature_grid import area_fractions
 from ..networks.gaussian import fit_shrunk_gaussian, mahalanobis_distance
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 STATISTICS = ("mean", "std")
-_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
 @dataclass
@@ -177,22 +176,6 @@ def channel_statistics(features: torch.Tensor, statistics: Sequence[str] = STATI
     std, mean = torch.std_mean(features.detach().flatten(2), dim=2, correction=0)
     parts = {"mean": mean, "std": std}
     return torch.cat([parts[s].double() for s in statistics], dim=1)
-
-
-def area_fractions(labels: torch.Tensor, num_classes: int, size: Sequence[int]) -> torch.Tensor:
-    """Class-area fractions of every cell of a coarser grid: ``labels`` ``(B, 1, *spatial)`` class
-    indices to ``(B, K, *size)`` float64 weights that sum to 1 per cell (adaptive average pooling of the
-    one-hot labels). Unlike a majority vote, a class that never holds a cell's majority still counts
-    (BENCHMARK.md, "Class abandonment")."""
-    if labels.dim() < 3 or labels.shape[1] != 1:
-        raise ValueError(f"labels must be (B, 1, *spatial) class indices, got {tuple(labels.shape)}")
-    index = labels[:, 0].long()
-    if int(index.min()) < 0 or int(index.max()) >= num_classes:
-        raise ValueError(
-            f"labels must lie in [0, {num_classes - 1}], got values in [{int(index.min())}, {int(index.max())}]"
-        )
-    one_hot = F.one_hot(index, num_classes).movedim(-1, 1).double()
-    return _POOL[one_hot.dim() - 2](one_hot, tuple(int(s) for s in size))
 
 
 def foreground_histograms(images: torch.Tensor, bins: int = 32, threshold: float = 1e-3) -> torch.Tensor:

@@ -9,53 +9,10 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
+from ..networks.feature_grid import labels_to_feature_grid
 from .inclusion import log_prob_exclusion, log_prob_inclusion
 
 __all__ = ["OutlierExposureLoss", "SegOODLoss", "class_inclusion_fractions", "labels_to_feature_grid"]
-
-
-def labels_to_feature_grid(labels: torch.Tensor, num_classes: int, size: tuple[int, ...]) -> torch.Tensor:
-    """Bring an index label map to the feature grid by a majority vote inside each feature cell.
-
-    The paper only says ``y'`` is "a downsampled version of y". Nearest-neighbour sampling would keep one
-    pixel out of every 16x16 cell at a bottleneck; instead each cell takes the class that covers most of
-    it (area-average of the one-hot map, then argmax; ties go to the lower class index).
-
-    Args:
-        labels: ``(B, 1, *spatial)`` or ``(B, *spatial)`` class indices in ``[0, num_classes)``; a float
-            tensor (as MONAI loads labels) is accepted if its values are integers.
-        num_classes: K.
-        size: the feature grid's spatial size.
-
-    Returns:
-        ``(B, *size)`` long tensor.
-
-    Raises:
-        ValueError: on non-integer or out-of-range labels, NaN, or a shape that does not fit.
-    """
-    spatial_dims = len(size)
-    if labels.dim() == spatial_dims + 2:
-        if labels.shape[1] != 1:
-            raise ValueError(
-                f"labels must be class indices (B, 1, *spatial), got shape {tuple(labels.shape)}"
-            )
-        labels = labels[:, 0]
-    if labels.dim() != spatial_dims + 1:
-        raise ValueError(
-            f"labels must be (B, 1, *spatial) or (B, *spatial) with {spatial_dims} spatial dims, "
-            f"got shape {tuple(labels.shape)}"
-        )
-    if labels.is_floating_point():
-        if not torch.isfinite(labels).all() or (labels != labels.round()).any():
-            raise ValueError("labels must hold integer class indices; found non-integer, NaN or Inf values")
-    labels = labels.long()
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}], found values in [{low}, {high}]")
-    if tuple(labels.shape[1:]) == tuple(size):
-        return labels
-    one_hot = F.one_hot(labels, num_classes).movedim(-1, 1).float()
-    return F.interpolate(one_hot, size=tuple(size), mode="area").argmax(dim=1)
 
 
 def _log_mean_exp(log_values: torch.Tensor) -> torch.Tensor:

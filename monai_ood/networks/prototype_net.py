@@ -533,7 +533,7 @@ class PrototypeOODNet(HookedEncoderNet):
                 of the projected features) and the global one; ``False`` fits only the Gaussian term.
             min_variance: floor of the re-estimated variances.
         """
-        from ..losses.outlier_exposure import labels_to_feature_grid  # deferred: losses import networks
+        from .feature_grid import labels_to_feature_grid
 
         was_training = self.training
         self.eval()
