@@ -558,6 +558,7 @@ def _cmd_score(args) -> int:
                         loaded.calibrator,
                         args.batch_size,
                         loaded.detector,
+                        loaded.degree,
                     )
                 except _INPUT_ERRORS as error:
                     fail(path, _error_line(error))
@@ -598,7 +599,8 @@ def _cmd_score(args) -> int:
     for row in rows:
         if row["status"] == "ok":
             degree = "n/a" if row["calibrated_degree"] is None else f"{row['calibrated_degree']:.3f}"
-            print(f"{row['input']}: image score {row['image_score']:.2f}, calibrated degree {degree}")
+            ood = "" if row.get("ood_degree") is None else f", OOD degree {row['ood_degree']:.3f}"
+            print(f"{row['input']}: image score {row['image_score']:.2f}{ood}, calibrated degree {degree}")
         else:
             print(f"{row['input']}: {row['status']}")
     failed = sum(row["status"] != "ok" for row in rows)

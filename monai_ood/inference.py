@@ -74,6 +74,8 @@ class ScoredImage:
         }
         self.image_score = image_score
         self.calibrated_degree = calibrated_degree
+        #: the OOD degree of ``image_score`` (:mod:`monai_ood.calibration.degree`), when calibrated
+        self.ood_degree: float | None = None
         self.slices = list(slices or [])
 
     def _image(self, key: str) -> sitk.Image | None:
@@ -358,6 +360,7 @@ def score_image(
     calibrator: WeibullCalibrator | None = None,
     batch_size: int = 16,
     detector=None,
+    degree=None,
 ) -> ScoredImage:
     """Segment and score one image (2D or 3D, any orientation and spacing) with a trained model.
 
@@ -370,6 +373,10 @@ def score_image(
         batch_size: slices per forward pass (2D) or sliding-window batch size (3D).
         detector: the checkpoint's fitted default detector (:attr:`LoadedModel.detector`), or ``None``
             (then the prototype head's score and map).
+        degree: the checkpoint's :class:`~monai_ood.calibration.DegreeCalibrator` (its calibration's
+            ``degree``), or ``None``: then ``ood_degree`` is ``None``. A 2D model's slices each get the
+            degree of their score; the volume gets the degree of its image score (the mean of its
+            slices' scores, read against validation slices).
 
     Raises:
         ValueError: on NaN/Inf voxels, an image of several channels (components per voxel), an image
@@ -383,4 +390,9 @@ def score_image(
     if net.spatial_dims == 3 and not isinstance(preprocessing, VolumePreprocessing):
         raise ValueError(f"a 3D model needs VolumePreprocessing, got {type(preprocessing).__name__}")
     scorer = _score_2d if net.spatial_dims == 2 else _score_3d
-    return scorer(net, image, preprocessing, calibrator, batch_size, detector)
+    scored = scorer(net, image, preprocessing, calibrator, batch_size, detector)
+    if degree is not None:
+        scored.ood_degree = float(degree(scored.image_score))
+        for row in scored.slices:  # a 3D model's slice rows hold map means, not image scores
+            row["ood_degree"] = float(degree(row["image_score"])) if net.spatial_dims == 2 else None
+    return scored

@@ -103,6 +103,13 @@ def test_score_writes_maps_on_the_input_geometry(dataset, trained, tmp_path):
     assert sum(row["level"] == "slice" for row in rows) > 1
     table = json.loads((out / "scores.json").read_text())
     assert 0 <= table["volumes"][0]["calibrated_degree"] <= 1
+    assert "ood_degree" in rows[0]
+    from monai_ood.engines.checkpoint import load_model
+
+    degree = load_model(trained, device="cpu").degree
+    volume = table["volumes"][0]
+    expected = None if degree is None else pytest.approx(float(degree(volume["image_score"])))
+    assert volume["ood_degree"] == expected
     assert (out / "slicer" / "load_in_slicer.py").exists()
 
 

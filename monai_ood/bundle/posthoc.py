@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..calibration import Calibration, fingerprint
-from ..engines.calibration import detector_map_batches
+from ..detectors.base import module_device
+from ..engines.calibration import detector_map_batches, fit_degree
 from ..engines.checkpoint import load_detector, model_map, save_detector
 from ..engines.step import TrainingForward
 
@@ -199,6 +200,9 @@ def calibrate_detector(
             fingerprint=fingerprint(network, detector.to_state()),
             front_end="bundle",
             metadata={"validation_images": len(val_items)},
+        )
+        calibration.degree = fit_degree(
+            network, detector, val_items, batch_size, module_device(network, torch.device("cpu"))
         )
         calibration.save(output_file)
     except ValueError as error:

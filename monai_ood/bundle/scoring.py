@@ -78,8 +78,15 @@ class DetectorInferer(Inferer):
 
     def __call__(self, inputs: sitk.Image, network: nn.Module, *args: Any, **kwargs: Any) -> ScoredImage:
         weibull = None if self.calibration is None else self.calibration.weibull
+        degree = None if self.calibration is None else self.calibration.degree
         return score_image(
-            unwrap_network(network), inputs, self.preprocessing, weibull, self.batch_size, self.detector
+            unwrap_network(network),
+            inputs,
+            self.preprocessing,
+            weibull,
+            self.batch_size,
+            self.detector,
+            degree,
         )
 
 

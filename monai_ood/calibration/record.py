@@ -15,7 +15,8 @@ Format (JSON object)::
 
     {"format": "monai-ood-calibration", "version": 1,
      "map": "fused", "fingerprint": "<sha256 hex, 16 chars>", "front_end": "cli" | "bundle" | "nnunet",
-     "weibull": {<WeibullCalibrator.to_dict()>}, "metadata": {...}}
+     "weibull": {<WeibullCalibrator.to_dict()>}, "metadata": {...},
+     "degree": {<DegreeCalibrator.to_dict()>} or null}
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write_text
+from .degree import DegreeCalibrator
 from .weibull import WeibullCalibrator
 
 __all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "Calibration", "fingerprint"]
@@ -96,6 +98,8 @@ class Calibration:
         fingerprint: :func:`fingerprint` of what computes the map (network, detector).
         front_end: who wrote it: ``"cli"``, ``"bundle"`` or ``"nnunet"``.
         metadata: free JSON-serialisable details (cases, fold, checkpoint name, number of values).
+        degree: the OOD degree of the image score (:class:`~monai_ood.calibration.DegreeCalibrator`,
+            fitted on the validation images' scores), or ``None``.
     """
 
     weibull: WeibullCalibrator
@@ -103,6 +107,7 @@ class Calibration:
     fingerprint: str
     front_end: str = "cli"
     metadata: dict[str, Any] = field(default_factory=dict)
+    degree: DegreeCalibrator | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.weibull, WeibullCalibrator) or not self.weibull.is_fitted:
@@ -158,6 +163,7 @@ class Calibration:
             "front_end": self.front_end,
             "weibull": self.weibull.to_dict(),
             "metadata": dict(self.metadata),
+            "degree": None if self.degree is None else self.degree.to_dict(),
         }
 
     @classmethod
@@ -189,6 +195,7 @@ class Calibration:
                 record["fingerprint"],
                 record.get("front_end", "cli"),
                 dict(metadata),
+                None if record.get("degree") is None else DegreeCalibrator.from_dict(record["degree"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{source} is not a valid calibration record: {error}") from error

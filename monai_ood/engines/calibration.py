@@ -11,17 +11,25 @@ instead, the map ``score`` writes.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..calibration import WeibullCalibrator
+from ..calibration import DegreeCalibrator, WeibullCalibrator
 from .checkpoint import load_model, resolve_device, set_calibration, set_weights
 from .training import check_items
 
-__all__ = ["calibrate", "detector_map_batches", "refit", "score_map_batches"]
+__all__ = [
+    "calibrate",
+    "detector_map_batches",
+    "fit_degree",
+    "image_score_batches",
+    "refit",
+    "score_map_batches",
+]
 
 
 def _batches(items: Sequence[Mapping[str, Any]], batch_size: int, key: str = "image") -> Iterator[np.ndarray]:
@@ -57,6 +65,42 @@ def detector_map_batches(
         if low is None:
             raise ValueError("the model's detector has no map term: there is no map to calibrate")
         yield low.float().cpu()
+
+
+def image_score_batches(
+    net: torch.nn.Module, detector: Any, items: Sequence[Mapping[str, Any]], batch_size: int, device: Any
+) -> Iterator[np.ndarray]:
+    """The image scores ``monai-ood score`` gives the items (the detector's, else the head's), batch by batch."""
+    net.eval()
+    with torch.inference_mode():
+        for images in _batches(items, batch_size):
+            x = torch.from_numpy(images).to(device)
+            if detector is not None:
+                score = detector.segment_and_score(x)[1].image_score
+            else:
+                score = net.forward_with_ood(x)[1].image_score
+            yield score.double().cpu().numpy()
+
+
+def fit_degree(
+    net: torch.nn.Module,
+    detector: Any,
+    val_items: Sequence[Mapping[str, Any]],
+    batch_size: int = 16,
+    device: Any = "cpu",
+) -> DegreeCalibrator | None:
+    """The OOD degree (:class:`~monai_ood.calibration.DegreeCalibrator`) of the validation images' own
+    image scores; ``None``, with a warning, when there are too few of them."""
+    needed = DegreeCalibrator().min_samples
+    if len(val_items) < needed:
+        warnings.warn(
+            f"{len(val_items)} validation images are too few for the OOD degree (at least {needed}); "
+            "ood_degree stays empty",
+            stacklevel=3,
+        )
+        return None
+    scores = np.concatenate(list(image_score_batches(net, detector, val_items, batch_size, device)))
+    return DegreeCalibrator().fit(scores)
 
 
 def calibrate(
@@ -104,7 +148,9 @@ def calibrate(
     else:
         maps = score_map_batches(loaded.net, val_items, batch_size, device)
     calibrator = WeibullCalibrator().fit(maps)
-    set_calibration(checkpoint_path, calibrator)
+    # the OOD degree: the validation images' own image scores, read by every later score
+    degree = fit_degree(loaded.net, loaded.detector, val_items, batch_size, device)
+    set_calibration(checkpoint_path, calibrator, degree=degree)
     return calibrator
 
 

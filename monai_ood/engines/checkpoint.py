@@ -258,6 +258,11 @@ class LoadedModel:
     calibration: Calibration | None = None
     calibration_error: str | None = None
 
+    @property
+    def degree(self) -> Any:
+        """The OOD degree of the image score (:class:`~monai_ood.calibration.DegreeCalibrator`), or ``None``."""
+        return None if self.calibration is None else self.calibration.degree
+
 
 def model_map(detector: Any) -> str:
     """The name of the map a model scores with: ``"fused"`` (its detector's) or ``"head"`` (the paper's)."""
@@ -265,14 +270,22 @@ def model_map(detector: Any) -> str:
 
 
 def _calibration_record(
-    calibration: Calibration | WeibullCalibrator | None, state_dict: Any, detector_state: Any
+    calibration: Calibration | WeibullCalibrator | None,
+    state_dict: Any,
+    detector_state: Any,
+    degree: Any = None,
 ) -> dict[str, Any] | None:
-    """The record stored under ``calibration``: a bare Weibull fit is bound to these weights and detector."""
+    """The record stored under ``calibration``: a bare Weibull fit (and its image-score ``degree``) is
+    bound to these weights and detector."""
     if calibration is None:
         return None
     if isinstance(calibration, WeibullCalibrator):
         calibration = Calibration(
-            calibration, model_map(detector_state), fingerprint(state_dict, detector_state), "cli"
+            calibration,
+            model_map(detector_state),
+            fingerprint(state_dict, detector_state),
+            "cli",
+            degree=degree,
         )
     return calibration.to_dict()
 
@@ -563,7 +576,9 @@ def load_detector(path: str | os.PathLike, network: nn.Module) -> Any:
         raise ValueError(f"{str(path)!r} does not fit this network: {err}") from err
 
 
-def set_calibration(path: str | os.PathLike, calibrator: Calibration | WeibullCalibrator | None) -> Path:
+def set_calibration(
+    path: str | os.PathLike, calibrator: Calibration | WeibullCalibrator | None, degree: Any = None
+) -> Path:
     """Store ``calibrator`` in the model checkpoint at ``path`` (rewritten atomically; ``None`` removes it):
     a :class:`~monai_ood.calibration.Calibration`, or a Weibull fit of the stored model's map (recorded
     with the stored weights' and detector's fingerprint).
@@ -574,7 +589,7 @@ def set_calibration(path: str | os.PathLike, calibrator: Calibration | WeibullCa
         NotFittedError: if ``calibrator`` is not fitted.
     """
     data = _load_dict(path, MODEL_FORMAT)
-    data["calibration"] = _calibration_record(calibrator, data["state_dict"], data.get("detector"))
+    data["calibration"] = _calibration_record(calibrator, data["state_dict"], data.get("detector"), degree)
     return _atomic_save(data, path)
 
 

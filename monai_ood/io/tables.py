@@ -4,7 +4,9 @@
 
 Columns (``scores.csv``): ``input``, ``status`` (``ok`` / ``failed`` / ``skipped``), ``error``, ``level``
 (``volume`` or ``slice``), ``slice``, ``position_mm``, ``has_signal``, ``foreground_fraction``,
-``image_score`` (the detector's image score: higher = more atypical) and ``calibrated_degree``.
+``image_score`` (the detector's image score: higher = more atypical), ``ood_degree`` (the fraction of
+validation images that score lower, :mod:`monai_ood.calibration.degree`) and ``calibrated_degree``
+(the mean of A_xi).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ SCORE_FIELDS = [
     "has_signal",
     "foreground_fraction",
     "image_score",
+    "ood_degree",
     "calibrated_degree",
 ]
 
@@ -150,6 +153,7 @@ def volume_row(
         "status": status,
         "error": error,
         "image_score": None if scored is None else scored.image_score,
+        "ood_degree": None if scored is None else scored.ood_degree,
         "calibrated_degree": None if scored is None else scored.calibrated_degree,
         **{key: str(value) if status == "ok" else None for key, value in paths.items()},
     }
