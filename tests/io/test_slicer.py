@@ -229,3 +229,76 @@ def test_loader_usage_without_exiting(slicer_run, tmp_path: Path, capsys: pytest
         log = slicer_run(*args)
         assert "usage: Slicer --python-script load_in_slicer.py" in capsys.readouterr().out
         assert not [entry for entry in log if entry[0] == "util"]
+
+
+def _exec_loader(paths) -> dict:
+    """The loader as Slicer's console runs it: exec() of its text, without a __file__."""
+    namespace: dict = {"__name__": "slicer_console"}
+    exec(compile(paths["loader"].read_text(), "<console>", "exec"), namespace)
+    return namespace
+
+
+def test_console_call_with_the_command_lines_names_finds_the_tables_beside_the_maps(tmp_path, monkeypatch):
+    out = tmp_path / "scores"
+    paths = write_slicer_files(out / "slicer")
+    a_xi, seg = out / "scan_score_calibrated.nii.gz", out / "scan_seg.nii.gz"
+    for path in (a_xi, seg):
+        path.write_bytes(b"")
+    module, log = _fake_slicer()
+    legends = []
+    module.modules = types.SimpleNamespace(
+        colors=types.SimpleNamespace(
+            logic=lambda: types.SimpleNamespace(
+                AddDefaultColorLegendDisplayNode=lambda node: (
+                    legends.append(node.path) or _Recorder(log, "legend")
+                )
+            )
+        )
+    )
+    monkeypatch.setitem(sys.modules, "slicer", module)
+    monkeypatch.chdir(tmp_path)  # not the slicer folder: the tables must be found from the maps
+    namespace = _exec_loader(paths)
+    assert "__file__" not in namespace
+    namespace["load"](map=str(a_xi), seg=str(seg))  # the README's call (was a TypeError)
+    tables = [args[0] for owner, method, args in log if method == "ColorTable"]
+    assert tables == [str(out / "slicer" / "ood_heatmap.ctbl"), str(out / "slicer" / "labels.ctbl")]
+    heat = [(m, a) for owner, m, a in log if owner == f"display:{a_xi.name}"]
+    assert ("SetApplyThreshold", (1,)) in heat and ("SetLowerThreshold", (0.8,)) in heat
+    assert legends == [str(a_xi)] and ("legend", "SetVisibility", (True,)) in log
+    with pytest.raises(ValueError, match="not both"):
+        namespace["load"](map=str(a_xi), a_xi=str(a_xi))
+
+
+def test_a_folder_of_two_dicom_series_loads_the_one_monai_ood_scores(slicer_run, tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from monai_ood.io import read_image
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for uid, count, prefix in (
+        ("1.2.826.0.1.3680043.2.1125.1", 3, "A"),
+        ("1.2.826.0.1.3680043.2.1125.2", 5, "B"),
+    ):
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for k in range(count):
+            plane = sitk.GetImageFromArray(np.full((4, 5), k + 1, np.int16))
+            for tag, value in {
+                "0008|0060": "MR",
+                "0020|000d": f"{uid}.0",
+                "0020|000e": uid,
+                "0008|0018": f"{uid}.{k + 1}",
+                "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0020|0032": f"0\\0\\{k}",
+                "0020|0013": str(k + 1),
+            }.items():
+                plane.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"{prefix}{k}.dcm"))
+            writer.Execute(plane)
+    with pytest.warns(UserWarning, match="2 DICOM series"):
+        assert read_image(folder).GetSize()[2] == 5  # monai-ood scores the larger series
+    log = slicer_run("--", "--image", str(folder))
+    (first,) = [args for owner, method, args in log if method == "Volume"]
+    assert Path(first[0]).name.startswith("B")  # the first file by name (A0.dcm) is the other series
