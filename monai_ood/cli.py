@@ -639,6 +639,8 @@ def _score_part(args) -> tuple[int, int]:
 def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate_checkpoint
 
+    if args.ind is not None or args.ood or args.labels:
+        return _evaluate_own_data(args)
     output = Path(args.output)
     # refuse before any work (the evaluation takes minutes): an existing report, an unusable folder
     if (output / "evaluation.json").exists() and not args.overwrite:
@@ -663,6 +665,38 @@ def _cmd_evaluate(args) -> int:
         )
     print(f"mean Dice (CSF/GM/WM) on the InD test set: {report['dice']['mean_foreground']:.3f}")
     print(f"written to {output / 'evaluation.json'} and {output / 'plots'}")
+    return 0
+
+
+def _evaluate_own_data(args) -> int:
+    from .evaluation import evaluate_folders, evaluation_markdown, parse_ood_set
+
+    if args.ind is None or not args.ood:
+        raise ValueError("evaluating your own data needs --ind and at least one --ood")
+    ood_sets = [parse_ood_set(text) for text in args.ood]
+    for source in [args.ind, *[path for _, path, _ in ood_sets], *([args.labels] if args.labels else [])]:
+        if not Path(source).exists():
+            raise FileNotFoundError(f"not found: {source}")
+    output = Path(args.output)
+    if (output / "evaluation.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{output / 'evaluation.json'} exists; pass --overwrite to replace it")
+    _prepare_output(output)
+    report = evaluate_folders(
+        args.checkpoint,
+        args.ind,
+        ood_sets,
+        labels=args.labels,
+        device=args.device,
+        batch_size=args.batch_size,
+        plots=output / "plots",
+    )
+    atomic_write_text(output / "evaluation.json", json.dumps(report, indent=2), args.overwrite)
+    markdown = evaluation_markdown(report)
+    atomic_write_text(output / "evaluation.md", markdown, overwrite=True)
+    print(markdown, end="")
+    for row in report["failed"]:
+        print(f"monai-ood evaluate: not scored: {row['input']}: {row['error']}", file=sys.stderr)
+    print(f"written to {output / 'evaluation.json'}, {output / 'evaluation.md'} and {output / 'plots'}")
     return 0
 
 
@@ -923,11 +957,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        help="OOD detection (AUROC, FPR@95TPR per OOD set, lesion localisation) and Dice on the embedded "
-        "benchmark data (the sets of benchmarks/run.py), with ROC and histogram plots",
+        help="OOD detection (AUROC, FPR@95TPR, AUPR per OOD set) on your own InD and OOD folders (--ind, "
+        "--ood), or on the embedded benchmark data (the sets of benchmarks/run.py, with lesion "
+        "localisation and Dice), with ROC and histogram plots",
     )
     p.add_argument("--checkpoint", required=True, help="model.pt written by `monai-ood train`")
-    p.add_argument("--output", required=True, help="output folder for evaluation.json and plots/")
+    p.add_argument(
+        "--output", required=True, help="output folder for evaluation.json, evaluation.md and plots/"
+    )
+    p.add_argument(
+        "--ind",
+        help="your in-distribution images: a folder, a file or a MONAI datalist JSON (without it: the "
+        "embedded benchmark)",
+    )
+    p.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        metavar="[NAME=]FOLDER[:CATEGORY]",
+        help="an OOD set (repeat for several): a folder (or file, datalist), optionally named and given a "
+        "category, e.g. --ood ct=scans/ct:modality; sets of one category are averaged",
+    )
+    p.add_argument(
+        "--labels",
+        help="a folder of label volumes named like the images: adds failure detection (AURC of the "
+        "image score against 1 - Dice)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default: 16)")
     p.add_argument(
         "--cache-dir", help="embedded data cache (default: $MONAI_OOD_CACHE or ~/.cache/monai-ood)"
     )

@@ -8,6 +8,7 @@ The InD reference set is the test split plus its fixed-seed mild variants (``BEN
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -175,6 +176,165 @@ def evaluate_checkpoint(
         "scores": row["scores"],
         "plots": written,
     }
+
+
+def _folder_inputs(source) -> list:
+    """The input files of a folder (or one file), or the ``image`` entries of a MONAI datalist JSON."""
+    from .io import find_inputs
+
+    source = Path(source)
+    if source.is_file() and source.suffix == ".json":
+        from .data import load_datalist
+
+        entries = [e for split in load_datalist(source).values() for e in split]
+        return [Path(e["image"]) for e in entries]
+    return list(find_inputs(source))
+
+
+def parse_ood_set(text: str) -> tuple[str, str, str]:
+    """``NAME=PATH[:CATEGORY]`` or ``PATH`` (the name is the folder's) -> ``(name, path, category)``."""
+    name, _, rest = text.rpartition("=") if "=" in text else ("", "", text)
+    path, _, category = rest.partition(":") if ":" in rest and not Path(rest).exists() else (rest, "", "")
+    path = path.strip()
+    if not path:
+        raise ValueError(f"--ood {text!r}: give a folder, NAME=FOLDER or NAME=FOLDER:CATEGORY")
+    return name.strip() or Path(path).name, path, category.strip() or "OOD"
+
+
+def evaluate_folders(
+    checkpoint,
+    ind,
+    ood_sets,
+    labels=None,
+    device=None,
+    batch_size: int = 16,
+    plots=None,
+) -> dict:
+    """Evaluate a checkpoint on your own data: InD images against one or more OOD sets.
+
+    Every image is scored as ``monai-ood score`` scores it (volume-level image score, the checkpoint's
+    detector); each OOD set gets AUROC, FPR@95TPR and AUPR-IN/OUT against the InD images (OOD = positive),
+    each category the mean over its sets; with ``labels`` (a folder of label volumes named like the
+    images, e.g. ``case01.nii.gz`` for ``case01.nii.gz`` or ``case01_0000.nii.gz``), failure detection
+    (AURC of the image score against ``1 - Dice``) over every labelled image.
+
+    Args:
+        checkpoint: ``model.pt``.
+        ind: the InD images: a folder, a file, or a MONAI datalist JSON.
+        ood_sets: ``[(name, path, category), ...]`` (see :func:`parse_ood_set`).
+        labels: a folder of label volumes, or ``None``.
+        device, batch_size: where and how to run.
+        plots: a folder for the ROC and histogram figures (PNG), or ``None``.
+
+    Returns:
+        A JSON-ready dict: ``ind`` (n, mean score), ``ood_sets`` (per set ``category, n, mean_score,
+        auroc, fpr95, aupr_in, aupr_out``), ``categories``, ``failure`` (or ``None``), ``failed``
+        (inputs that could not be scored, with the error), ``scores``, ``plots``.
+
+    Raises:
+        ValueError: no InD or no OOD images could be scored, or an OOD set without images.
+    """
+    from .engines.checkpoint import load_model
+    from .inference import score_image
+    from .io import output_stem, read_image
+
+    loaded = load_model(checkpoint, device=device)
+    if loaded.calibration_error is not None:
+        raise ValueError(loaded.calibration_error)
+    failed: list[dict] = []
+    dice_of: dict[str, float] = {}
+    score_of: dict[str, float] = {}
+    label_files = {}
+    if labels is not None:
+        label_files = {output_stem(p): p for p in _folder_inputs(labels)}
+
+    def scores_of(paths) -> list[float]:
+        scores = []
+        for path in paths:
+            try:
+                image = read_image(path)
+                scored = score_image(
+                    loaded.net, image, loaded.preprocessing, loaded.calibrator, batch_size, loaded.detector
+                )
+            except (ValueError, OSError, RuntimeError) as error:
+                failed.append({"input": str(path), "error": " ".join(str(error).split())})
+                continue
+            scores.append(scored.image_score)
+            score_of[str(path)] = scored.image_score
+            stem = output_stem(path)
+            label = label_files.get(stem) or label_files.get(stem.rsplit("_", 1)[0])
+            if label is not None:
+                import SimpleITK as sitk
+
+                prediction = sitk.GetArrayFromImage(scored.segmentation)
+                truth = sitk.GetArrayFromImage(read_image(label))
+                if prediction.shape != truth.shape:
+                    raise ValueError(f"{label}: the label has another shape than {path}")
+                dice = dice_per_image(prediction[None], truth.astype(np.int64)[None], loaded.net.num_classes)
+                dice_of[str(path)] = float(dice[0])
+        return scores
+
+    ind_paths = _folder_inputs(ind)
+    ind_scores = np.asarray(scores_of(ind_paths))
+    if ind_scores.size == 0:
+        raise ValueError(f"no InD image of {str(ind)!r} could be scored")
+    sets, scores = {}, {"ind": ind_scores.tolist()}
+    for name, path, category in ood_sets:
+        if name in sets or name == "ind":
+            raise ValueError(f"two OOD sets are named {name!r}: name them NAME=FOLDER")
+        set_scores = np.asarray(scores_of(_folder_inputs(path)))
+        if set_scores.size == 0:
+            raise ValueError(f"no image of the OOD set {name!r} ({path}) could be scored")
+        sets[name] = {"category": category, "n": int(set_scores.size), "mean_score": float(set_scores.mean())}
+        sets[name].update(ood_metrics(ind_scores, set_scores))
+        scores[name] = set_scores.tolist()
+    failure = None
+    if dice_of:
+        paths = list(dice_of)
+        failure = risk_coverage([score_of[p] for p in paths], [1.0 - dice_of[p] for p in paths])
+        failure["n"] = len(paths)
+    written = []
+    if plots is not None:
+        from .benchmark.plots import method_plots
+
+        by_set = {name: (v["category"], np.asarray(scores[name])) for name, v in sets.items()}
+        written = [str(p) for p in method_plots("checkpoint", ind_scores, by_set, plots)]
+    return {
+        "checkpoint": str(checkpoint),
+        "ind": {"source": str(ind), "n": int(ind_scores.size), "mean_score": float(ind_scores.mean())},
+        "ood_sets": sets,
+        "categories": category_means(sets),
+        "failure": failure,
+        "failed": failed,
+        "scores": scores,
+        "plots": written,
+    }
+
+
+def evaluation_markdown(report: dict) -> str:
+    """The report as a markdown table: one row per OOD set, then the category means."""
+    lines = [
+        f"InD: {report['ind']['source']} ({report['ind']['n']} images, mean score {report['ind']['mean_score']:.3f})",
+        "",
+        "| OOD set | category | n | AUROC | FPR@95TPR | AUPR-IN | AUPR-OUT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in report["ood_sets"].items():
+        lines.append(
+            f"| {name} | {row['category']} | {row['n']} | {row['auroc']:.3f} | {row['fpr95']:.3f} | "
+            f"{row['aupr_in']:.3f} | {row['aupr_out']:.3f} |"
+        )
+    for category, row in report["categories"].items():
+        lines.append(f"| mean of {category} | {category} | | {row['auroc']:.3f} | {row['fpr95']:.3f} | | |")
+    if report.get("failure"):
+        f = report["failure"]
+        lines += [
+            "",
+            f"Failure detection ({f['n']} labelled images): AURC {f['aurc']:.4f} (random {f['random']:.4f})",
+        ]
+    if report.get("failed"):
+        lines += ["", f"Not scored: {len(report['failed'])} input(s), see evaluation.json"]
+    return "\n".join(lines) + "\n"
 
 
 def _localisation_inputs(score_maps, masks, valid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

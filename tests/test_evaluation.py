@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -57,3 +59,90 @@ def test_dice_per_image_and_severity_correlation():
     np.testing.assert_allclose(dice_per_image(pred, label, 2), [2 / 3, 1.0])
     scores, severity = [0.1, 0.5, 0.4, 0.9], [0, 1, 2, 3]
     assert severity_correlation(scores, severity) == pytest.approx(spearmanr(scores, severity).statistic)
+
+
+# ---------------------------------------------------------------- evaluate on your own data
+
+
+def test_evaluate_on_your_own_folders_matches_scikit_learn_on_the_scores_of_score(tmp_path, capsys):
+    import json
+
+    import nibabel as nib
+    import SimpleITK as sitk
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from monai_ood.cli import main
+    from monai_ood.engines.checkpoint import build_network, load_model, make_model_config, save_model
+    from monai_ood.inference import score_image
+    from monai_ood.io import read_image
+    from monai_ood.preprocessing import SlicePreprocessing
+
+    torch.manual_seed(0)
+    config = make_model_config("unet", 2, 1, 3, 8, {"channels": [4, 8, 16], "strides": [2, 2]})
+    model = save_model(
+        tmp_path / "model.pt", build_network(config), config, SlicePreprocessing(size=(32, 32))
+    )
+    rng = np.random.default_rng(0)
+    folders = {name: tmp_path / name for name in ("ind", "noise", "labels")}
+    for folder in folders.values():
+        folder.mkdir()
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (24, 24, 4)], indexing="ij")
+    for k in range(4):
+        inside = (x / 0.7) ** 2 + (y / (0.6 + 0.05 * k)) ** 2 < 1
+        image = np.where(inside, 100.0, 0.0) + rng.normal(0, 2, inside.shape)
+        nib.save(
+            nib.Nifti1Image(image.astype(np.float32), np.diag([2.0, 2.0, 4.0, 1.0])),
+            folders["ind"] / f"case{k}.nii.gz",
+        )
+        label = inside.astype(np.int16) + (inside & (x > 0)).astype(np.int16)
+        nib.save(nib.Nifti1Image(label, np.diag([2.0, 2.0, 4.0, 1.0])), folders["labels"] / f"case{k}.nii.gz")
+        noise = rng.uniform(0, 100, inside.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(noise, np.diag([2.0, 2.0, 4.0, 1.0])), folders["noise"] / f"noise{k}.nii.gz")
+    out = tmp_path / "evaluation"
+    argv = ["evaluate", "--checkpoint", str(model), "--output", str(out), "--device", "cpu"]
+    argv += [
+        "--ind",
+        str(folders["ind"]),
+        "--ood",
+        f"noise={folders['noise']}:C1",
+        "--labels",
+        str(folders["labels"]),
+    ]
+    assert main(argv) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    # the independent reference: each file scored as `monai-ood score` scores it, then scikit-learn
+    loaded = load_model(model, device="cpu")
+
+    def scores(folder):
+        return [
+            score_image(loaded.net, read_image(p), loaded.preprocessing, None, 16, None).image_score
+            for p in sorted(folder.iterdir())
+        ]
+
+    ind, noise = scores(folders["ind"]), scores(folders["noise"])
+    expected = roc_auc_score([0] * 4 + [1] * 4, ind + noise)
+    row = report["ood_sets"]["noise"]
+    assert row["category"] == "C1" and row["n"] == 4 and row["auroc"] == pytest.approx(expected)
+    assert report["categories"]["C1"]["auroc"] == pytest.approx(expected)
+    assert report["failure"]["n"] == 4 and 0 <= report["failure"]["aurc"] <= 1
+    assert sorted(report["scores"]["ind"]) == pytest.approx(sorted(ind))
+    assert "| noise | C1 | 4 |" in (out / "evaluation.md").read_text()
+    assert all(Path(p).is_file() for p in report["plots"]) and len(report["plots"]) == 2
+    assert sitk.ReadImage(report["plots"][0]).GetSize()[0] > 100  # a real PNG
+    assert main(argv) == 2  # an existing report is refused without --overwrite
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(model),
+                "--output",
+                str(tmp_path / "o"),
+                "--ood",
+                str(folders["noise"]),
+            ]
+        )
+        == 2
+    )
+    assert "needs --ind" in capsys.readouterr().err
