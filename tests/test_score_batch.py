@@ -21,7 +21,7 @@ import pytest
 
 import monai_ood.io
 from monai_ood.cli import main
-from monai_ood.files import LOCK_NAME, AtomicFileSet, lock_folder, remove_temporaries, temporary_target
+from monai_ood.files import LOCK_NAME, lock_folder, temporary_target
 
 NAMES = ["case0", "case1", "case2", "case3"]
 MAPS = ("_seg.nii.gz", "_score.nii.gz", "_score_calibrated.nii.gz")
@@ -252,34 +252,6 @@ def test_a_failed_write_leaves_none_of_that_inputs_set(model, images, tmp_path, 
     assert _score(images, "--output", out, "--resume", model=model, capsys=capsys)[0] == 0
     assert set(_statuses(out).values()) == {"ok"}
     assert _mtimes(out)["case0_seg.nii.gz"] == before["case0_seg.nii.gz"]  # kept, not re-scored
-
-
-def test_file_set_is_all_or_none(tmp_path):
-    with pytest.raises(OSError), AtomicFileSet() as files:
-        files.write(tmp_path / "a.txt", lambda t: t.write_text("a"))
-        files.write(tmp_path / "b.nii.gz", lambda t: t.write_text("b"))
-        raise OSError(errno.ENOSPC, "No space left on device")
-    assert list(tmp_path.iterdir()) == []
-    with AtomicFileSet() as files:
-        files.write(tmp_path / "a.txt", lambda t: t.write_text("a"))
-        files.write(tmp_path / "b.nii.gz", lambda t: t.write_text("b"))
-        assert {temporary_target(p.name) for p in tmp_path.iterdir()} == {"a.txt", "b.nii.gz"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.nii.gz"]
-    with pytest.raises(FileExistsError), AtomicFileSet() as files:
-        files.write(tmp_path / "a.txt", lambda t: t.write_text("again"))
-    assert (tmp_path / "a.txt").read_text() == "a"
-
-
-def test_stale_temporaries_are_recognised_and_only_those_removed(tmp_path):
-    assert temporary_target(".case0_seg.0123456789ab.tmp.nii.gz") == "case0_seg.nii.gz"
-    assert temporary_target("..case0_seg.0123456789ab.tmp.ba9876543210.tmp.nii.gz") == "case0_seg.nii.gz"
-    assert temporary_target(".scores.0123456789ab.tmp.csv") == "scores.csv"
-    assert temporary_target("case0_seg.nii.gz") is None and temporary_target(LOCK_NAME) is None
-    for name in (".case0_seg.0123456789ab.tmp.nii.gz", ".other.0123456789ab.tmp.pt", "keep.nii.gz"):
-        (tmp_path / name).write_text("x")
-    removed = remove_temporaries(tmp_path, {"case0_seg.nii.gz"})
-    assert [p.name for p in removed] == [".case0_seg.0123456789ab.tmp.nii.gz"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.0123456789ab.tmp.pt", "keep.nii.gz"]
 
 
 # ---------------------------------------------------------------- a kill

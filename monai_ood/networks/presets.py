@@ -20,7 +20,7 @@ package nothing is imported, no network is taken for one, and building one fails
 the extra.
 
 Each entry of :data:`PRESETS` also lists the network's encoder stages (the default detector's layers):
-a new backbone is one entry here, with the test of ``tests/networks/test_registry.py``.
+a new backbone is one entry here, with the test of ``tests/networks/test_presets.py``.
 """
 
 from __future__ import annotations

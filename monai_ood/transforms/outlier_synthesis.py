@@ -496,8 +496,6 @@ class OutlierSynthesisd(RandomizableTransform, MapTransform):
         return d
 
 
-
-
 def _run_torchio(
     transform: tio.Transform, x: torch.Tensor, seed: int, shift: torch.Tensor | None = None
 ) -> torch.Tensor:

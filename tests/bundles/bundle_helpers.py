@@ -1,10 +1,13 @@
-"""Helpers of the bundle tests: paths, tiny settings, bundle copies."""
+"""Helpers of the bundle tests: paths, tiny settings, bundle copies, a tiny network and its detector."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = ROOT / "bundles"
@@ -86,3 +89,42 @@ def write_args(path: Path, *overrides: dict) -> Path:
         merged.update(override)
     path.write_text(json.dumps(merged), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------- a tiny network and its default detector
+# (test_posthoc, test_scoring and the model_files fixture)
+
+TINY_UNET = {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 0}
+
+
+def tiny_net(**network_kwargs):
+    from monai_ood.networks import create_prototype_network
+
+    return create_prototype_network(
+        "unet", 2, 1, 4, head_channels=8, network_kwargs={**TINY_UNET, **network_kwargs}
+    )
+
+
+def labelled_items(count: int, seed: int) -> list[dict]:
+    """Labelled 32 x 32 slices: blurred noise (the terms need spread) with every class present."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(count):
+        image = rng.random((32, 32)).astype(np.float32)
+        image = (image + np.roll(image, 1, 0) + np.roll(image, 1, 1)) / 3
+        label = np.minimum((image * 4).astype(np.int64), 3)
+        items.append({"image": image[None], "label": label[None]})
+    return items
+
+
+def tiny_detector(net, seed: int = 0):
+    """The default detector with settings that fit in a fraction of a second (no fusion choice, no warps)."""
+    from monai_ood.detectors.fused import FusedDetector
+
+    return FusedDetector(net, num_classes=4, fusion="sum", warped_copies=0, batch_size=4, seed=seed)
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message

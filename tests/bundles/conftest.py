@@ -1,9 +1,10 @@
-"""Fixtures of the bundle tests."""
+"""Fixtures of the bundle tests (their helpers are in ``bundle_helpers.py``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -72,3 +73,25 @@ def user_dataset(tmp_path_factory, oblique_volume) -> Path:
     datalist = {"training": training, "test": [f"imagesTs/{oblique_volume.name}"]}
     (folder / "dataset.json").write_text(json.dumps(datalist), encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory):
+    """A tiny trained-looking network's models/: model.pt (a plain state dict, as CheckpointSaver writes
+    it), detector.pt and calibration.json written by the post-hoc step's functions (read by
+    test_posthoc.py and test_scoring.py)."""
+    import torch
+    from bundle_helpers import labelled_items, tiny_detector, tiny_net
+
+    from monai_ood.bundle import calibrate_detector, fit_detector
+
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    folder = tmp_path_factory.mktemp("models")
+    torch.save(net.state_dict(), folder / "model.pt")
+    train, val = labelled_items(8, 0), labelled_items(4, 1)
+    detector = fit_detector(tiny_detector(net), train, val, folder / "detector.pt")
+    calibration = calibrate_detector(net, detector, val, folder / "calibration.json", batch_size=3)
+    return SimpleNamespace(
+        net=net, detector=detector, calibration=calibration, folder=folder, train=train, val=val
+    )

@@ -47,9 +47,7 @@ from bundle_helpers import (
 TRAIN_CALIBRATE = ["configs/train.json", "configs/calibrate.json"]
 OUTPUTS = ("seg", "score", "score_calibrated")
 # the row fields of the score table of monai-ood score (monai_ood.io.tables.SCORE_FIELDS, spelled out)
-SCORE_COLUMNS = (
-    "input,status,error,level,slice,position_mm,has_signal,foreground_fraction,image_score,calibrated_degree"
-)
+SCORE_COLUMNS = "input,status,error,level,slice,position_mm,has_signal,foreground_fraction,image_score,ood_degree,calibrated_degree"
 
 
 def _env() -> dict[str, str]:

@@ -1,59 +1,19 @@
-"""The default detector in model.pt: fit_detector stores it, calibrate and score_slices use it."""
+"""The default detector in model.pt (monai_ood.engines.posthoc.fit_detector): fit_detector stores it and
+drops the stale calibration, score_slices uses it, and it is stored and read back with weights_only
+(calibrating on its map is tested in test_calibration.py)."""
 
 import numpy as np
 import pytest
 import torch
-from scipy import stats
+from engine_helpers import UNET_STAGES
+from engine_helpers import random_items as _items
+from engine_helpers import save_tiny_model as _save_tiny_model
 
 from monai_ood.calibration import WeibullCalibrator
 from monai_ood.detectors import FusedDetector
-from monai_ood.engines.calibration import calibrate
-from monai_ood.engines.checkpoint import (
-    build_network,
-    load_model,
-    make_model_config,
-    save_model,
-)
+from monai_ood.engines.checkpoint import load_model
 from monai_ood.engines.posthoc import fit_detector
 from monai_ood.inference import score_slices
-from monai_ood.preprocessing import SlicePreprocessing
-
-NETWORK_KWARGS = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}
-UNET_STAGES = ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule"]
-
-
-def _items(count, seed, shape=(1, 32, 32)):
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(count):
-        image = rng.random(shape, dtype=np.float32)
-        label = rng.integers(0, 3, (1, *shape[1:])).astype(np.int64)
-        items.append({"image": image, "label": label})
-    return items
-
-
-def _save_tiny_model(path, calibration=None):
-    config = make_model_config("unet", 2, 1, 3, 4, NETWORK_KWARGS)
-    torch.manual_seed(0)
-    net = build_network(config)
-    with torch.no_grad():  # weights unlike a fresh initialisation
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    save_model(path, net, config, SlicePreprocessing(size=(32, 32)), calibration=calibration)
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """A model.pt with a previously stored calibration, then fit_detector on it."""
-    path = tmp_path_factory.mktemp("posthoc") / "model.pt"
-    old_calibration = WeibullCalibrator().fit(stats.weibull_min.rvs(1.5, scale=4.0, size=500, random_state=0))
-    weights = _save_tiny_model(path, calibration=old_calibration)
-    assert load_model(path, device="cpu").calibrator is not None  # there is one to drop
-    train, val = _items(5, seed=1), _items(4, seed=2)
-    detector = fit_detector(path, train, val, device="cpu")
-    calibrator_after_fit = load_model(path, device="cpu").calibrator
-    return path, detector, weights, train, val, calibrator_after_fit
 
 
 def test_fit_detector_stores_the_fitted_detector(fitted):
@@ -110,27 +70,6 @@ def test_fit_detector_rejects_items_that_do_not_fit_the_model(tmp_path, which, s
         fit_detector(path, train, val, device="cpu")
     assert "model.pt" in str(info.value)  # names the checkpoint too
     assert path.read_bytes() == before  # nothing stored
-
-
-def test_calibrate_fits_the_detectors_fused_map(fitted, tmp_path):
-    path, val = tmp_path / "model.pt", fitted[4]
-    path.write_bytes(fitted[0].read_bytes())  # a copy: the other tests read the uncalibrated file
-    calibrator = calibrate(path, val, batch_size=3, device="cpu")
-    detector = load_model(path, device="cpu").detector
-    images = torch.from_numpy(np.stack([item["image"] for item in val]))
-    maps = detector.segment_and_score(images)[2]  # the fused map on its own grid
-    reference = WeibullCalibrator().fit(maps.double().numpy().ravel())
-    assert calibrator.num_samples == maps.numel()
-    assert calibrator.shape == pytest.approx(reference.shape, rel=1e-6)
-    assert calibrator.scale == pytest.approx(reference.scale, rel=1e-6)
-    stored = load_model(path, device="cpu").calibrator
-    assert (stored.shape, stored.scale) == (calibrator.shape, calibrator.scale)
-    # the head's map would give another fit: the comparison above tells the two apart
-    with torch.no_grad():
-        head = WeibullCalibrator().fit(
-            load_model(path, device="cpu").net.ood(images).score_map.numpy().ravel()
-        )
-    assert head.scale != pytest.approx(reference.scale, rel=1e-3)
 
 
 def test_score_slices_uses_the_detector(fitted):

@@ -1,3 +1,7 @@
+"""Training (monai_ood.engines.training.train) on tiny 2D items: best and last checkpoints, resume to the
+same weights, overwrite, up-front checks of the items, the training transforms, TrainingConfig and its
+head configurations, and every lever and head option reaching the trained (and refitted) network."""
+
 import json
 import math
 import sys
@@ -5,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from engine_helpers import CLASS_NAMES, PREPROCESSING
+from engine_helpers import training_config as _config
+from engine_helpers import training_items as _items
 
-from monai_ood.calibration import WeibullCalibrator
 from monai_ood.engines import TrainingConfig, calibrate, load_model, train
 from monai_ood.engines.checkpoint import load_training_state
 from monai_ood.engines.training import training_transforms
@@ -14,58 +20,6 @@ from monai_ood.preprocessing import SlicePreprocessing
 
 # 32x32 images are too small for the elastic outlier's default control grid; TorchIO warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:The maximum displacement is larger:RuntimeWarning")
-
-CLASS_NAMES = ["background", "ring", "core"]
-PREPROCESSING = SlicePreprocessing(size=(32, 32))
-
-
-def _items(n, seed):
-    """Bright squares (class 1) with a brighter core (class 2) on a dark noisy background."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(n):
-        label = np.zeros((1, 32, 32), np.int64)
-        r, c = rng.integers(4, 20, size=2)
-        label[0, r : r + 8, c : c + 8] = 1
-        label[0, r + 2 : r + 6, c + 2 : c + 6] = 2
-        image = (rng.random((1, 32, 32)) * 0.2 + 0.4 * label).astype(np.float32)
-        items.append({"image": image, "label": label})
-    return items
-
-
-def _config(**overrides):
-    kwargs = {
-        "network_kwargs": {"channels": (4, 8, 16), "strides": (2, 2)},
-        "head_channels": 8,
-        "batch_size": 4,
-        "max_epochs": 2,
-        "num_workers": 0,
-        "seed": 0,
-        # the engine's mechanics (best-by-Dice model.pt, one score-map grid) are the paper head's
-        "head_config": "paper",
-        **overrides,
-    }
-    return TrainingConfig(**kwargs)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return _items(12, seed=0), _items(4, seed=1)
-
-
-@pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
-    train_items, val_items = data
-    copies = [{k: v.copy() for k, v in item.items()} for item in train_items + val_items]
-    output = tmp_path_factory.mktemp("run")
-    result = train(
-        train_items, val_items, _config(), output, PREPROCESSING, class_names=CLASS_NAMES, progress=False
-    )
-    # the items are inputs: training must not have modified them
-    for before, after in zip(copies, train_items + val_items, strict=True):
-        for key in ("image", "label"):
-            np.testing.assert_array_equal(before[key], after[key])
-    return output, result
 
 
 def _without_timing(history):
@@ -180,27 +134,6 @@ def test_overwrite_starts_afresh(data, tmp_path):
     assert len(result.history) == 1 and "val_mean_dice" not in result.history[0]
     assert load_model(result.best_checkpoint, device="cpu").metrics["val_mean_dice"] is None
     assert (tmp_path / "notes.txt").read_text() == "not ours"  # only the run's own files are replaced
-
-
-def test_calibration_is_stored_in_the_checkpoint(run, data):
-    _, result = run
-    _, val_items = data
-    calibrator = calibrate(result.best_checkpoint, val_items, batch_size=3, device="cpu")
-    loaded = load_model(result.best_checkpoint, device="cpu")
-    assert loaded.calibrator is not None
-    assert loaded.calibrator.to_dict() == calibrator.to_dict()
-    assert loaded.metrics["val_mean_dice"] > 0  # the rest of the checkpoint is kept
-
-    # the fit uses exactly the feature-resolution maps A(x) of every validation image
-    images = torch.from_numpy(np.stack([item["image"] for item in val_items]))
-    with torch.no_grad():
-        score_map = loaded.net.ood(images).score_map
-    assert calibrator.num_samples == score_map.numel() == 4 * 8 * 8
-    reference = WeibullCalibrator().fit(
-        score_map
-    )  # one batch of 4 here, batches of 3 above: float noise only
-    assert calibrator.shape == pytest.approx(reference.shape, rel=1e-5)
-    assert calibrator.scale == pytest.approx(reference.scale, rel=1e-5)
 
 
 def _bad(kind):

@@ -1,4 +1,5 @@
-"""The backbone registry: one entry per supported network, checked against the network itself.
+"""The backbone registry (monai_ood.networks.presets): one entry per supported network, checked against the
+network itself.
 
 Adding a backbone is one entry in ``monai_ood.networks.presets.PRESETS`` plus a line in ``TINY`` below.
 """
