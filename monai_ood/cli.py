@@ -440,7 +440,10 @@ def _cmd_score(args) -> int:
     from .preprocessing import SlicePreprocessing
 
     num_parts, part_id = _score_part(args)
-    every_input = [p for path in args.inputs for p in find_inputs(path)]
+    sources = [*args.inputs, *args.more_inputs]
+    if not sources:
+        raise ValueError("no input given: name image files or folders (positionally or with -i)")
+    every_input = [p for path in sources for p in find_inputs(path)]
     loaded = load_model(args.checkpoint, device=args.device)
     preprocessing = loaded.preprocessing
     if args.axis:
@@ -754,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"monai-ood {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,fit,calibrate,score,evaluate}")
 
     p = sub.add_parser(
@@ -762,7 +768,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_arguments(p)
     p.add_argument(
-        "--output", required=True, help="run folder: model.pt (best by validation Dice) and last.pt (resume)"
+        "-o",
+        "--output",
+        required=True,
+        help="run folder: model.pt (best by validation Dice) and last.pt (resume)",
     )
     p.add_argument(
         "--preset",
@@ -851,7 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a monai-ood model.pt (the detector is refitted), or plain weights of a MONAI network "
         "(a state dict, e.g. a bundle's models/model.pt; needs --network)",
     )
-    p.add_argument("--output", help="model.pt to write (default: the monai-ood checkpoint itself)")
+    p.add_argument("-o", "--output", help="model.pt to write (default: the monai-ood checkpoint itself)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument(
         "--network",
@@ -905,9 +914,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SCORE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", help="image files, DICOM series folders, or folders of them")
+    p.add_argument("inputs", nargs="*", help="image files, DICOM series folders, or folders of them")
+    p.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        dest="more_inputs",
+        metavar="INPUT",
+        help="an input as -i (nnU-Net's and TotalSegmentator's spelling; repeatable, with or instead of "
+        "the positional inputs)",
+    )
     p.add_argument("--checkpoint", required=True, help="model.pt written by `monai-ood train`")
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument(
         "--format", choices=sorted(OUTPUT_SUFFIXES), default="nifti", help="map file format (default: nifti)"
     )
@@ -963,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="model.pt written by `monai-ood train`")
     p.add_argument(
-        "--output", required=True, help="output folder for evaluation.json, evaluation.md and plots/"
+        "-o", "--output", required=True, help="output folder for evaluation.json, evaluation.md and plots/"
     )
     p.add_argument(
         "--ind",

@@ -227,3 +227,17 @@ def test_score_3d_model_uses_sliding_windows_and_keeps_geometry(dataset, tmp_pat
     score = np.asarray(nib.load(out / "oblique_score.nii.gz").dataobj)
     assert np.isfinite(score).all() and score.max() > 0
     assert main(argv + ["--axis", "axial"]) == 2  # slicing applies to 2D models only
+
+
+def test_short_flags_and_version(dataset, trained, tmp_path, capsys):
+    from monai_ood import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"monai-ood {__version__}"
+    out = tmp_path / "short"
+    source = dataset / "oblique.nii.gz"
+    assert main(["score", "-i", str(source), "--checkpoint", str(trained), "-o", str(out), "--quiet"]) == 0
+    assert (out / "oblique_score.nii.gz").is_file()
+    assert main(["score", "--checkpoint", str(trained), "-o", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "no input given" in capsys.readouterr().err
