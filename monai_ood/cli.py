@@ -636,6 +636,30 @@ def _score_part(args) -> tuple[int, int]:
     return num_parts, part_id
 
 
+TRIAGE_DESCRIPTION = """\
+Score every scan (exactly as `score` does, into the same OUTPUT: maps, scores.csv/json; re-runs resume),
+then rank the scans worst first by their OOD degree (the fraction of validation images that score
+lower; the image score when the model has no degree) and write OUTPUT/triage.csv and
+OUTPUT/triage.html: one row per scan with a thumbnail of its most atypical slice (A_xi over the image),
+the degree, the image score, the segmentation's foreground volume, the input's path and geometry, and
+a line at --threshold. The report is one self-contained file (images inline), viewable offline."""
+
+
+def _cmd_triage(args) -> int:
+    from .triage import write_triage
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold is an OOD degree in [0, 1], got {args.threshold}")
+    args.resume = args.resume or not args.overwrite  # a triage re-run keeps what is scored
+    code = _cmd_score(args)
+    if code not in (0, EXIT_FAILED_INPUTS):
+        return code
+    csv_path, html_path, rows = write_triage(Path(args.output), args.threshold)
+    flagged = sum(row["flagged"] for row in rows)
+    print(f"triage: {len(rows)} scans ranked, {flagged} at or above OOD degree {args.threshold}: {html_path}")
+    return code
+
+
 # ---------------------------------------------------------------- evaluate
 
 
@@ -748,6 +772,68 @@ def _add_slicing_arguments(parser: argparse.ArgumentParser, whose: str = "") -> 
         metavar=("ROWS", "COLS"),
         help=f"slice size{whose} after centre crop/pad (default: 112 96; SwinUNETR: multiples of 32)",
     )
+
+
+def _add_score_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `score`, shared by `triage` (which scores first)."""
+    p.add_argument("inputs", nargs="*", help="image files, DICOM series folders, or folders of them")
+    p.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        dest="more_inputs",
+        metavar="INPUT",
+        help="an input as -i (nnU-Net's and TotalSegmentator's spelling; repeatable, with or instead of "
+        "the positional inputs)",
+    )
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `monai-ood train`")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument(
+        "--format", choices=sorted(OUTPUT_SUFFIXES), default="nifti", help="map file format (default: nifti)"
+    )
+    p.add_argument(
+        "--axis",
+        choices=["axial", "coronal", "sagittal"],
+        help="slicing axis for 2D models (default: the training axis)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="slices per forward pass / sliding-window batch (default: 16)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the inputs already scored into OUTPUT (complete maps, status ok) and score the rest: "
+        "finishes an interrupted run, retries failed inputs, adds new ones",
+    )
+    existing.add_argument(
+        "--overwrite", action="store_true", help="score every input again, replacing outputs"
+    )
+    p.add_argument(
+        "--no-slicer-files",
+        action="store_true",
+        help="do not write the 3D Slicer colour tables and loader script",
+    )
+    p.add_argument(
+        "--num-parts",
+        type=int,
+        default=None,
+        help="split the inputs over this many runs (jobs, GPUs) into one OUTPUT: each part scores every "
+        "num-parts-th input and writes scores.part-K-of-N.json; every part keeps the merged "
+        "scores.csv/json up to date. Under torchrun the ranks are the parts (default: 1)",
+    )
+    p.add_argument(
+        "--part-id",
+        type=int,
+        default=None,
+        help="which part this run is, 0 .. num-parts - 1 (default: 0, or torchrun's RANK)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -914,65 +1000,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SCORE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="*", help="image files, DICOM series folders, or folders of them")
-    p.add_argument(
-        "-i",
-        "--input",
-        action="append",
-        default=[],
-        dest="more_inputs",
-        metavar="INPUT",
-        help="an input as -i (nnU-Net's and TotalSegmentator's spelling; repeatable, with or instead of "
-        "the positional inputs)",
-    )
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `monai-ood train`")
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument(
-        "--format", choices=sorted(OUTPUT_SUFFIXES), default="nifti", help="map file format (default: nifti)"
-    )
-    p.add_argument(
-        "--axis",
-        choices=["axial", "coronal", "sagittal"],
-        help="slicing axis for 2D models (default: the training axis)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=16,
-        help="slices per forward pass / sliding-window batch (default: 16)",
-    )
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    existing = p.add_mutually_exclusive_group()
-    existing.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the inputs already scored into OUTPUT (complete maps, status ok) and score the rest: "
-        "finishes an interrupted run, retries failed inputs, adds new ones",
-    )
-    existing.add_argument(
-        "--overwrite", action="store_true", help="score every input again, replacing outputs"
-    )
-    p.add_argument(
-        "--no-slicer-files",
-        action="store_true",
-        help="do not write the 3D Slicer colour tables and loader script",
-    )
-    p.add_argument(
-        "--num-parts",
-        type=int,
-        default=None,
-        help="split the inputs over this many runs (jobs, GPUs) into one OUTPUT: each part scores every "
-        "num-parts-th input and writes scores.part-K-of-N.json; every part keeps the merged "
-        "scores.csv/json up to date. Under torchrun the ranks are the parts (default: 1)",
-    )
-    p.add_argument(
-        "--part-id",
-        type=int,
-        default=None,
-        help="which part this run is, 0 .. num-parts - 1 (default: 0, or torchrun's RANK)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_score_arguments(p)
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser(
+        "triage",
+        help="score every scan and rank them by OOD degree: triage.csv and an offline HTML report",
+        description=TRIAGE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_score_arguments(p)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="OOD degree from which a scan is flagged for review (a line in the report; default: 0.95, "
+        "more atypical than 95%% of validation images)",
+    )
+    p.set_defaults(func=_cmd_triage)
 
     p = sub.add_parser(
         "evaluate",
