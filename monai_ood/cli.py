@@ -663,18 +663,24 @@ def _cmd_triage(args) -> int:
 # ---------------------------------------------------------------- evaluate
 
 
-def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_checkpoint
-
-    if args.ind is not None or args.ood or args.labels:
-        return _evaluate_own_data(args)
+def _prepare_evaluation_output(args) -> Path:
+    """The output folder of `evaluate`, refused before any work (an evaluation takes minutes) when it
+    holds a report (without --overwrite) or plots/ is a file; created and checked writable."""
     output = Path(args.output)
-    # refuse before any work (the evaluation takes minutes): an existing report, an unusable folder
     if (output / "evaluation.json").exists() and not args.overwrite:
         raise FileExistsError(f"{output / 'evaluation.json'} exists; pass --overwrite to replace it")
     if (output / "plots").exists() and not (output / "plots").is_dir():
         raise ValueError(f"{str(output / 'plots')!r} is a file, not a folder; choose another --output")
     _prepare_output(output)
+    return output
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_checkpoint
+
+    if args.ind is not None or args.ood or args.labels:
+        return _evaluate_own_data(args)
+    output = _prepare_evaluation_output(args)
     report = evaluate_checkpoint(
         args.checkpoint, cache_dir=args.cache_dir, device=args.device, seed=args.seed, plots=output / "plots"
     )
@@ -704,10 +710,7 @@ def _evaluate_own_data(args) -> int:
     for source in [args.ind, *[path for _, path, _ in ood_sets], *([args.labels] if args.labels else [])]:
         if not Path(source).exists():
             raise FileNotFoundError(f"not found: {source}")
-    output = Path(args.output)
-    if (output / "evaluation.json").exists() and not args.overwrite:
-        raise FileExistsError(f"{output / 'evaluation.json'} exists; pass --overwrite to replace it")
-    _prepare_output(output)
+    output = _prepare_evaluation_output(args)
     report = evaluate_folders(
         args.checkpoint,
         args.ind,

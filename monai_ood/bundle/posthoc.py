@@ -32,7 +32,7 @@ from torch import nn
 
 from ..calibration import Calibration, fingerprint
 from ..detectors.base import module_device
-from ..engines.calibration import detector_map_batches, fit_degree
+from ..engines.calibration import fit_map_and_degree
 from ..engines.checkpoint import load_detector, model_map, save_detector
 from ..engines.step import TrainingForward
 
@@ -175,7 +175,7 @@ def calibrate_detector(
     """Fit the Weibull calibration of the detector's map on the validation slices and write the record.
 
     The values are the detector's fused map on its own grid, as ``monai-ood calibrate`` fits them
-    (:func:`monai_ood.engines.calibration.detector_map_batches`); the record calibrates the map
+    (:func:`monai_ood.engines.calibration.fit_map_and_degree`, one pass that also gives the OOD degree); the record calibrates the map
     ``"fused"`` of the weights of ``network`` with this detector (its fingerprint).
 
     Args:
@@ -194,15 +194,15 @@ def calibrate_detector(
     """
     network = unwrap_network(network)
     try:
-        calibration = Calibration.fit(
-            detector_map_batches(detector, val_items, batch_size),
-            map=model_map(detector),
-            fingerprint=fingerprint(network, detector.to_state()),
-            front_end="bundle",
-            metadata={"validation_images": len(val_items)},
-        )
-        calibration.degree = fit_degree(
-            network, detector, val_items, batch_size, module_device(network, torch.device("cpu"))
+        device = module_device(network, torch.device("cpu"))
+        weibull, degree = fit_map_and_degree(network, detector, val_items, batch_size, device)
+        calibration = Calibration(
+            weibull,
+            model_map(detector),
+            fingerprint(network, detector.to_state()),
+            "bundle",
+            {"validation_images": len(val_items)},
+            degree,
         )
         calibration.save(output_file)
     except ValueError as error:

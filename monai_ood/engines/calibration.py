@@ -24,11 +24,10 @@ from .training import check_items
 
 __all__ = [
     "calibrate",
-    "detector_map_batches",
     "fit_degree",
-    "image_score_batches",
+    "fit_map_and_degree",
+    "map_and_score_batches",
     "refit",
-    "score_map_batches",
 ]
 
 
@@ -46,61 +45,50 @@ def _batches(items: Sequence[Mapping[str, Any]], batch_size: int, key: str = "im
         yield np.stack(batch)
 
 
-def score_map_batches(
-    net: torch.nn.Module, items: Sequence[Mapping[str, Any]], batch_size: int, device: torch.device
-) -> Iterator[torch.Tensor]:
-    """Feature-resolution score maps ``A(x)`` ``(B, 1, *feature_spatial)`` of the items, batch by batch, on the CPU."""
-    net.eval()
-    with torch.inference_mode():
-        for images in _batches(items, batch_size):
-            yield net.ood(torch.from_numpy(images).to(device)).score_map.float().cpu()
-
-
-def detector_map_batches(
-    detector, items: Sequence[Mapping[str, Any]], batch_size: int
-) -> Iterator[torch.Tensor]:
-    """The fitted default detector's fused maps on their own grid ``(B, 1, *map_spatial)``, on the CPU."""
-    for images in _batches(items, batch_size):
-        low = detector.segment_and_score(torch.from_numpy(images))[2]
-        if low is None:
-            raise ValueError("the model's detector has no map term: there is no map to calibrate")
-        yield low.float().cpu()
-
-
-def image_score_batches(
+def map_and_score_batches(
     net: torch.nn.Module, detector: Any, items: Sequence[Mapping[str, Any]], batch_size: int, device: Any
-) -> Iterator[np.ndarray]:
-    """The image scores ``monai-ood score`` gives the items (the detector's, else the head's), batch by batch."""
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """One pass per batch: the map that is calibrated and the image scores, as ``monai-ood score`` makes
+    them: the fitted default detector's fused map on its own grid (else the head's feature-resolution
+    ``A(x) = min_k D_M``) ``(B, 1, *map_spatial)`` float32 on the CPU, and ``(B,)`` float64 scores."""
     net.eval()
     with torch.inference_mode():
         for images in _batches(items, batch_size):
             x = torch.from_numpy(images).to(device)
             if detector is not None:
-                score = detector.segment_and_score(x)[1].image_score
+                _, out, low = detector.segment_and_score(x)
+                if low is None:
+                    raise ValueError("the model's detector has no map term: there is no map to calibrate")
+                yield low.float().cpu(), out.image_score.double().cpu().numpy()
             else:
-                score = net.forward_with_ood(x)[1].image_score
-            yield score.double().cpu().numpy()
+                ood = net.forward_with_ood(x)[1]
+                yield ood.score_map.float().cpu(), ood.image_score.double().cpu().numpy()
 
 
-def fit_degree(
-    net: torch.nn.Module,
-    detector: Any,
-    val_items: Sequence[Mapping[str, Any]],
-    batch_size: int = 16,
-    device: Any = "cpu",
-) -> DegreeCalibrator | None:
+def fit_degree(scores: Sequence[float] | np.ndarray) -> DegreeCalibrator | None:
     """The OOD degree (:class:`~monai_ood.calibration.DegreeCalibrator`) of the validation images' own
     image scores; ``None``, with a warning, when there are too few of them."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
     needed = DegreeCalibrator().min_samples
-    if len(val_items) < needed:
+    if scores.size < needed:
         warnings.warn(
-            f"{len(val_items)} validation images are too few for the OOD degree (at least {needed}); "
+            f"{scores.size} validation images are too few for the OOD degree (at least {needed}); "
             "ood_degree stays empty",
             stacklevel=3,
         )
         return None
-    scores = np.concatenate(list(image_score_batches(net, detector, val_items, batch_size, device)))
     return DegreeCalibrator().fit(scores)
+
+
+def fit_map_and_degree(
+    net: torch.nn.Module, detector: Any, items: Sequence[Mapping[str, Any]], batch_size: int, device: Any
+) -> tuple[WeibullCalibrator, DegreeCalibrator | None]:
+    """From one pass over the validation items: the Weibull of the map and the OOD degree of the scores."""
+    maps, scores = [], []
+    for low, score in map_and_score_batches(net, detector, items, batch_size, device):
+        maps.append(low)
+        scores.append(score)
+    return WeibullCalibrator().fit(maps), fit_degree(np.concatenate(scores) if scores else [])
 
 
 def calibrate(
@@ -143,13 +131,9 @@ def calibrate(
             torch.from_numpy(images).to(device) for images in _batches(val_items, batch_size)
         )
         set_weights(checkpoint_path, loaded.net)
-    if loaded.detector is not None:  # the default detector's fused map is what score writes
-        maps = detector_map_batches(loaded.detector, val_items, batch_size)
-    else:
-        maps = score_map_batches(loaded.net, val_items, batch_size, device)
-    calibrator = WeibullCalibrator().fit(maps)
-    # the OOD degree: the validation images' own image scores, read by every later score
-    degree = fit_degree(loaded.net, loaded.detector, val_items, batch_size, device)
+    # the map score writes (the detector's, else the head's) and the OOD degree of the validation images'
+    # own image scores, read by every later score
+    calibrator, degree = fit_map_and_degree(loaded.net, loaded.detector, val_items, batch_size, device)
     set_calibration(checkpoint_path, calibrator, degree=degree)
     return calibrator
 
