@@ -184,10 +184,16 @@ def _folder_inputs(source) -> list:
 
     source = Path(source)
     if source.is_file() and source.suffix == ".json":
+        import json
+
         from .data import load_datalist
 
-        entries = [e for split in load_datalist(source).values() for e in split]
-        return [Path(e["image"]) for e in entries]
+        splits = [
+            key
+            for key, value in json.loads(source.read_text(encoding="utf-8")).items()
+            if isinstance(value, list)
+        ]
+        return [Path(entry["image"]) for split in splits for entry in load_datalist(source, split)]
     return list(find_inputs(source))
 
 

@@ -146,3 +146,20 @@ def test_evaluate_on_your_own_folders_matches_scikit_learn_on_the_scores_of_scor
         == 2
     )
     assert "needs --ind" in capsys.readouterr().err
+
+
+def test_inputs_of_a_folder_a_file_or_a_datalist(tmp_path):
+    import json
+
+    from monai_ood.evaluation import _folder_inputs, parse_ood_set
+
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    datalist = tmp_path / "list.json"
+    datalist.write_text(
+        json.dumps({"training": [{"image": "a.nii.gz"}], "test": [{"image": "c.nii.gz"}], "name": "x"})
+    )
+    assert [p.name for p in _folder_inputs(datalist)] == ["a.nii.gz", "c.nii.gz"]
+    assert [p.name for p in _folder_inputs(tmp_path / "b.nii.gz")] == ["b.nii.gz"]
+    assert parse_ood_set(f"ct={tmp_path}:modality") == ("ct", str(tmp_path), "modality")
+    assert parse_ood_set(str(tmp_path)) == (tmp_path.name, str(tmp_path), "OOD")
