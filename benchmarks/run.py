@@ -50,6 +50,7 @@ import torch
 from monai_ood.benchmark.harness import MEAN_CATEGORIES, benchmark_sets, detector_scorer, evaluate
 from monai_ood.benchmark.pool import CLASS_NAMES as POOL_CLASS_NAMES
 from monai_ood.benchmark.pool import load_brain_dataset
+from monai_ood.calibration import DegreeCalibrator
 from monai_ood.engines.checkpoint import build_network, load_model, make_model_config
 from monai_ood.engines.training import TrainingConfig, train
 from monai_ood.files import atomic_write_text
@@ -360,11 +361,17 @@ def _dice_without_head(model, sets) -> dict:
     return out
 
 
-def _evaluate_all(detectors: dict, sets, costs: dict) -> dict:
+def _evaluate_all(detectors: dict, sets, costs: dict, validation_images: np.ndarray) -> dict:
+    """Every metric of each detector; its OOD degree is fitted on its validation image scores (as
+    ``monai-ood calibrate`` fits it) and measured on the InD test images."""
     rows = {}
     for name, (detector, segmenter) in detectors.items():
         print(f"   evaluating {name}", flush=True)
-        row = evaluate(detector_scorer(detector, segmenter), sets, len(CLASS_NAMES), CLASS_NAMES)
+        scorer = detector_scorer(detector, segmenter)
+        validation_scores = np.asarray(scorer(validation_images).image_score, dtype=np.float64)
+        degree = DegreeCalibrator().fit(validation_scores)
+        row = evaluate(scorer, sets, len(CLASS_NAMES), CLASS_NAMES, degree=degree)
+        row["degree"]["validation_scores"] = validation_scores.tolist()
         row["time_ratio_to_plain_forward"] = costs["methods"][name]["ratio_to_plain_forward"]
         rows[name] = row
     return rows
@@ -385,8 +392,13 @@ def run_seed(preset: dict, seed: int, work: Path, wanted=METHODS, previous: dict
     facts["dice"] = _dice_without_head(model, sets)
     ind_images = np.stack([i["image"] for i in sets.ind]).astype(np.float32)
     costs = measure_costs({**methods, **variants}, model("plain").backbone, ind_images[: 4 * BATCH_SIZE])
-    results = {"facts": facts, "costs": costs, "methods": _evaluate_all(methods, sets, costs)}
-    results["ablation"] = _evaluate_all(variants, sets, costs)
+    validation_images = np.stack([i["image"] for i in data["validation"]]).astype(np.float32)
+    results = {
+        "facts": facts,
+        "costs": costs,
+        "methods": _evaluate_all(methods, sets, costs, validation_images),
+    }
+    results["ablation"] = _evaluate_all(variants, sets, costs, validation_images)
     fused = model("fused head")
     results["default_detector"] = {"terms": fused.term_names, "selection": fused.selection_}
     seconds = time.perf_counter() - start
@@ -517,6 +529,7 @@ def markdown(report: dict) -> str:
             f"| {method} | {_mean_std([r['ind']['warped_vs_clean_auroc'] for r in rows])} | "
             f"{_mean_std([_artefact_vs_clean(r, 'noise severity 1') for r in rows])} |"
         )
+    lines += degree_markdown(report)
     lines += ["", "Training step cost / plain step (same run, first seed):", ""]
     ratios = runs[0]["facts"]["training_step_ratio_to_plain"]
     lines += ["| model | ratio |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
@@ -531,6 +544,54 @@ def markdown(report: dict) -> str:
 
 
 DEFAULT = "default (fused)"
+
+
+def degree_markdown(report: dict) -> list[str]:
+    """The OOD degree of the methods whose runs measured it: calibration on the InD test images and
+    Spearman ρ of the degree with artefact severity."""
+    runs = [report["runs"][str(s)] for s in report["seeds"]]
+    methods = [m for m in runs[0]["methods"] if all(r["methods"][m].get("degree") for r in runs)]
+    if not methods:
+        return []
+    first = runs[0]["methods"][methods[0]]["degree"]
+    thresholds = [row["threshold"] for row in first["calibration"]]
+    lines = [
+        "",
+        "OOD degree (`monai_ood.calibration.DegreeCalibrator` fitted on each method's validation image "
+        "scores, as `monai-ood calibrate` does): fraction of InD images with a degree above t, promised "
+        "1 - t. InD reference = the test slices and their mild variants; clean = the test slices alone "
+        f"(n = {first['calibration'][0]['n']} and {first['subsets']['clean test slices'][0]['n']} per seed; "
+        "in brackets the 95% range of the fraction if the promise held, binomial):",
+        "",
+        "| method | InD images | " + " | ".join(f"> {t:g} (promised {1 - t:.2f})" for t in thresholds) + " |",
+        "|---" * (len(thresholds) + 2) + "|",
+    ]
+    for method in methods:
+        for label, get in (
+            ("reference", lambda d: d["calibration"]),
+            ("clean", lambda d: d["subsets"]["clean test slices"]),
+        ):
+            rows = [get(r["methods"][method]["degree"]) for r in runs]
+            cells = [
+                _mean_std([row[k]["observed_above"] for row in rows])
+                + f" [{rows[0][k]['range95'][0]:.2f}, {rows[0][k]['range95'][1]:.2f}]"
+                for k in range(len(thresholds))
+            ]
+            lines.append(f"| {method} | {label} | " + " | ".join(cells) + " |")
+    artefacts = sorted(first["severity_spearman"])
+    lines += ["", "Severity ρ of the OOD degree per artefact (Spearman, degree vs severity 0-3):", ""]
+    lines += ["| method | " + " | ".join(artefacts) + " | mean |", "|---" * (len(artefacts) + 2) + "|"]
+    for method in methods:
+        rows = [r["methods"][method]["degree"]["severity_spearman"] for r in runs]
+        cells = [_mean_std([row[a] for row in rows]) for a in artefacts]
+        cells.append(_mean_std([np.mean(list(row.values())) for row in rows]))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if report.get("degree_plot"):
+        lines += [
+            "",
+            f"Calibration plot ({DEFAULT}, every seed): [{report['degree_plot']}]({report['degree_plot']})",
+        ]
+    return lines
 
 
 def _seed_mean(values) -> float | None:
@@ -721,6 +782,28 @@ def write_plots(report: dict, folder: Path) -> list[str]:
     return paths
 
 
+def write_degree_plot(report: dict, folder: Path) -> Path | None:
+    """The default detector's degree calibration on the InD test images, one curve per seed (and the
+    clean test slices of the first seed), or ``None`` when its runs did not measure the degree."""
+    from monai_ood.benchmark.plots import degree_calibration_plot
+
+    runs = {s: report["runs"][str(s)]["methods"].get(DEFAULT) for s in report["seeds"]}
+    if not all(row and row.get("degree") for row in runs.values()):
+        return None
+    degrees = {}
+    for seed, row in runs.items():
+        validation = row["degree"].get("validation_scores")
+        if validation is None:
+            return None
+        calibrator = DegreeCalibrator().fit(validation)
+        degrees[f"InD reference, seed {seed}"] = calibrator.transform(row["scores"]["ind"])
+    return degree_calibration_plot(
+        degrees,
+        folder / "default-fused_degree_calibration.png",
+        f"{DEFAULT}: OOD degree on the InD test images",
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
@@ -760,6 +843,8 @@ def main(argv=None) -> int:
     if args.rewrite:
         report = json.loads((output / "results.json").read_text(encoding="utf-8"))
         add_warp_sensitivity(report)
+        degree_plot = write_degree_plot(report, output / "plots")
+        report["degree_plot"] = str(degree_plot.relative_to(output)) if degree_plot else None
         report["goals"] = goals(report)
         atomic_write_text(output / "results.json", json.dumps(report, indent=1), overwrite=True)
         atomic_write_text(output / "results.md", markdown(report), overwrite=True)
@@ -830,6 +915,8 @@ def main(argv=None) -> int:
     report["wall_minutes"] = sum(r["seconds"] for r in report["runs"].values()) / 60.0
     report["this_invocation_minutes"] = (time.perf_counter() - start) / 60.0
     report["plots"] = [str(Path(p).relative_to(output)) for p in write_plots(report, output / "plots")]
+    degree_plot = write_degree_plot(report, output / "plots")
+    report["degree_plot"] = str(degree_plot.relative_to(output)) if degree_plot else None
     add_warp_sensitivity(report)
     report["goals"] = goals(report)
     atomic_write_text(output / "results.json", json.dumps(report, indent=1), overwrite=True)

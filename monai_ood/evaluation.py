@@ -18,6 +18,9 @@ __all__ = [
     "dice_per_image",
     "risk_coverage",
     "severity_correlation",
+    "DEGREE_THRESHOLDS",
+    "degree_calibration",
+    "degree_report",
     "evaluate_checkpoint",
     "pixel_auroc",
     "aupro",
@@ -121,6 +124,91 @@ def severity_correlation(scores, severities) -> float:
     from scipy.stats import spearmanr
 
     return float(spearmanr(np.asarray(scores, dtype=np.float64), np.asarray(severities)).statistic)
+
+
+DEGREE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def degree_calibration(degrees, thresholds=DEGREE_THRESHOLDS) -> list[dict]:
+    """How the OOD degrees of in-distribution images are spread, against what the degree promises.
+
+    The degree's meaning (:mod:`monai_ood.calibration.degree`) is that a fraction ``1 - t`` of
+    in-distribution images has a degree above ``t``. For each threshold ``t`` this gives that expected
+    fraction, the observed fraction of ``degrees`` above ``t``, and the central 95% range of the observed
+    fraction if the promise held exactly (binomial, ``n = len(degrees)``): an observed fraction outside it
+    says the degree is miscalibrated on these images.
+
+    Args:
+        degrees: OOD degrees of in-distribution images not used to fit the degree (e.g. the test split).
+        thresholds: the thresholds ``t`` in (0, 1).
+
+    Returns:
+        One dict per threshold: ``threshold, expected_above, observed_above, n_above, n, range95``.
+
+    Raises:
+        ValueError: no degrees, a non-finite degree, or a threshold outside (0, 1).
+    """
+    from scipy.stats import binom
+
+    values = np.asarray(degrees, dtype=np.float64).ravel()
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"degrees must be a non-empty set of finite numbers, got {values.size} values")
+    rows = []
+    for t in thresholds:
+        t = float(t)
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"a degree threshold must lie in (0, 1), got {t!r}")
+        n_above = int((values > t).sum())
+        low, high = binom.interval(0.95, values.size, 1.0 - t)
+        rows.append(
+            {
+                "threshold": t,
+                "expected_above": 1.0 - t,
+                "observed_above": n_above / values.size,
+                "n_above": n_above,
+                "n": int(values.size),
+                "range95": [float(low) / values.size, float(high) / values.size],
+            }
+        )
+    return rows
+
+
+def degree_report(degree, ind_scores, set_scores=None, severity_groups=None, ind_subsets=None) -> dict:
+    """The OOD degree of a detector measured on held-out images: its calibration and its ordering.
+
+    Args:
+        degree: a fitted :class:`~monai_ood.calibration.DegreeCalibrator` (fitted on validation scores).
+        ind_scores: image scores of held-out in-distribution images.
+        set_scores: OOD set name to its image scores (for the mean degree per set), or ``None``.
+        severity_groups: artefact name to ``(scores, severities)`` with severity 0 for clean images, for
+            the Spearman correlation of the degree with severity, or ``None``.
+        ind_subsets: extra named subsets of ``ind_scores`` as boolean masks (e.g. the clean test slices
+            without their mild variants), each with its own calibration rows.
+
+    Returns:
+        A JSON-ready dict: ``calibration`` (rows of :func:`degree_calibration` on ``ind_scores``),
+        ``ind_mean``, ``subsets`` (name to calibration rows), ``mean_by_set`` and ``severity_spearman``.
+    """
+    ind = np.asarray(ind_scores, dtype=np.float64)
+    ind_degrees = degree.transform(ind)
+    report = {
+        "calibration": degree_calibration(ind_degrees),
+        "ind_mean": float(ind_degrees.mean()),
+        "subsets": {
+            name: degree_calibration(ind_degrees[np.asarray(mask, dtype=bool)])
+            for name, mask in (ind_subsets or {}).items()
+            if np.asarray(mask, dtype=bool).any()
+        },
+        "mean_by_set": {
+            name: float(degree.transform(np.asarray(scores, dtype=np.float64)).mean())
+            for name, scores in (set_scores or {}).items()
+        },
+        "severity_spearman": {
+            artefact: severity_correlation(degree.transform(np.asarray(scores, dtype=np.float64)), severities)
+            for artefact, (scores, severities) in sorted((severity_groups or {}).items())
+        },
+    }
+    return report
 
 
 def evaluate_checkpoint(

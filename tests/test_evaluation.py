@@ -163,3 +163,26 @@ def test_inputs_of_a_folder_a_file_or_a_datalist(tmp_path):
     assert [p.name for p in _folder_inputs(tmp_path / "b.nii.gz")] == ["b.nii.gz"]
     assert parse_ood_set(f"ct={tmp_path}:modality") == ("ct", str(tmp_path), "modality")
     assert parse_ood_set(str(tmp_path)) == (tmp_path.name, str(tmp_path), "OOD")
+
+
+def test_degree_calibration_against_the_promise_and_scipy_binomial():
+    from scipy.stats import binom
+
+    from monai_ood.evaluation import degree_calibration
+
+    # degrees of 1000 images spread exactly as promised: i / 1000
+    degrees = (np.arange(1000) + 0.5) / 1000
+    rows = degree_calibration(degrees, thresholds=(0.5, 0.9, 0.99))
+    for row in rows:
+        assert row["observed_above"] == pytest.approx(row["expected_above"], abs=1e-3)
+        low, high = binom.interval(0.95, 1000, 1 - row["threshold"])
+        assert row["range95"] == pytest.approx([low / 1000, high / 1000])
+        assert row["range95"][0] <= row["observed_above"] <= row["range95"][1]
+    # every image above 0.9: miscalibrated, outside the range
+    rows = degree_calibration(np.full(50, 0.95), thresholds=(0.9,))
+    assert rows[0]["observed_above"] == 1.0 and rows[0]["n_above"] == 50
+    assert rows[0]["observed_above"] > rows[0]["range95"][1]
+    with pytest.raises(ValueError, match="threshold"):
+        degree_calibration(degrees, thresholds=(1.0,))
+    with pytest.raises(ValueError, match="finite"):
+        degree_calibration([np.nan])

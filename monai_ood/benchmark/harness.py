@@ -196,7 +196,11 @@ def _finite(scores: np.ndarray, what: str) -> np.ndarray:
 
 
 def evaluate(
-    scorer: Scorer, sets: BenchmarkSets, num_classes: int, class_names: Sequence[str] | None = None
+    scorer: Scorer,
+    sets: BenchmarkSets,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    degree=None,
 ) -> dict[str, Any]:
     """Every metric of one method on the benchmark's sets (see the module docstring).
 
@@ -205,13 +209,16 @@ def evaluate(
         sets: :func:`benchmark_sets`.
         num_classes: classes of the segmentation, background included.
         class_names: names of the classes (background first) for the Dice table.
+        degree: a :class:`~monai_ood.calibration.DegreeCalibrator` fitted on the method's validation image
+            scores, for the OOD degree's calibration on the InD test images and its severity correlation
+            (``row["degree"]``, :func:`monai_ood.evaluation.degree_report`), or ``None``.
 
     Returns:
         A JSON-ready dict: ``ind``, ``sets``, ``categories``, ``mean``, ``severity_spearman``, ``failure``,
-        ``localisation``, ``dice`` and ``scores`` (``failure``, ``localisation`` and ``dice`` are ``None``
-        when the method gives no segmentation or no map).
+        ``localisation``, ``dice``, ``degree`` and ``scores`` (``failure``, ``localisation`` and ``dice`` are
+        ``None`` when the method gives no segmentation or no map, ``degree`` without a ``degree``).
     """
-    from ..evaluation import localisation_metrics
+    from ..evaluation import degree_report, localisation_metrics
 
     names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
     ind = scorer(_stack([i["image"] for i in sets.ind]))
@@ -270,6 +277,18 @@ def evaluate(
         artefact: severity_correlation(list(base_scores) + scores, [0] * len(base_scores) + severities)
         for artefact, (scores, severities) in sorted(by_artefact.items())
     }
+    row["degree"] = None
+    if degree is not None:
+        row["degree"] = degree_report(
+            degree,
+            ind_scores,
+            {name: row["scores"][name] for name in sets.ood},
+            {
+                artefact: (list(base_scores) + scores, [0] * len(base_scores) + severities)
+                for artefact, (scores, severities) in by_artefact.items()
+            },
+            ind_subsets={"clean test slices": [i.get("variant") is None for i in sets.ind]},
+        )
     if failure["segmentation"] and len(failure["segmentation"]) == len(failure["scores"]):
         risks = 1.0 - dice_per_image(
             np.stack(failure["segmentation"]), np.stack(failure["labels"]), num_classes

@@ -26,6 +26,7 @@ from monai_ood.files import atomic_write
 
 __all__ = [
     "DPI",
+    "degree_calibration_plot",
     "HIST_COLUMNS",
     "PANEL_INCHES",
     "ROC_INCHES",
@@ -229,6 +230,60 @@ def risk_coverage_plot(scores, risks, path, title: str) -> Path:
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def degree_calibration_plot(degrees_by_label: Mapping[str, np.ndarray], path, title: str) -> Path:
+    """One PNG of the OOD degree's calibration: for in-distribution images held out from its fit, the
+    observed fraction with a degree above each threshold ``t`` against the promised ``1 - t``.
+
+    Two panels: every threshold (linear axes), and the upper tail ``t >= 0.8`` on a log scale, where a
+    triage threshold is set. The grey band is the central 95% range of the observed fraction if the promise
+    held exactly (binomial, for the first label's number of images).
+
+    Args:
+        degrees_by_label: a label (e.g. ``"seed 0"``) to the OOD degrees of held-out InD images.
+        path: the PNG file; replaced if it exists.
+        title: the figure title.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: no labels, or empty or non-finite degrees.
+    """
+    from scipy.stats import binom
+
+    groups = _groups(degrees_by_label)
+    figure = _figure(2 * ROC_INCHES * 0.8, ROC_INCHES * 0.75)
+    left, right = figure.subplots(1, 2)
+    n = next(iter(groups.values())).size
+    for ax, (low, high, log) in ((left, (0.0, 1.0, False)), (right, (0.8, 0.995, True))):
+        t = np.linspace(low, high, 400)
+        expected = 1.0 - t
+        band_low, band_high = binom.interval(0.95, n, expected)
+        ax.fill_between(
+            t, band_low / n, band_high / n, color="0.85", label=f"95% range if calibrated (n={n})"
+        )
+        ax.plot(t, expected, linestyle="--", color="0.3", linewidth=1, label="promised: 1 - t")
+        for label, degrees in groups.items():
+            observed = (degrees[None, :] > t[:, None]).mean(axis=1)
+            if log:
+                observed = np.where(observed > 0, observed, np.nan)
+            ax.plot(t, observed, linewidth=1.5, label=f"{label} (n={degrees.size})")
+        ax.set_xlim(low, high)
+        ax.set_xlabel("degree threshold t")
+        ax.set_ylabel("fraction of InD images with degree > t")
+        if log:
+            ax.set_yscale("log")
+            ax.set_ylim(max(0.5 / n, 1e-3), 0.3)
+        else:
+            ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3, which="both")
+    left.set_title("every threshold", fontsize=10)
+    right.set_title("upper tail (log scale)", fontsize=10)
+    left.legend(fontsize=7)
+    figure.suptitle(title, fontsize=11)
     return _save(figure, path)
 
 

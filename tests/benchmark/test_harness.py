@@ -145,3 +145,28 @@ def test_warp_sensitivity_is_the_auroc_of_warped_against_clean_inds():
     expected = roc_auc_score(np.r_[np.zeros(30), np.ones(30)], np.r_[clean, warped])
     assert warp_sensitivity(np.r_[clean, warped], variants) == pytest.approx(expected, abs=1e-12)
     assert warp_sensitivity(clean, [None] * 30) is None
+
+
+def test_the_degree_is_measured_on_the_ind_test_images_and_against_severity(sets):
+    from monai_ood.calibration import DegreeCalibrator
+
+    rng = np.random.default_rng(1)
+    validation = [_image(rng, 0.2).mean() for _ in range(40)]
+    degree = DegreeCalibrator().fit(validation)
+    row = evaluate(_mean_scorer, sets, num_classes=3, degree=degree)
+    ind = np.array([i["image"].mean() for i in sets.ind], dtype=np.float64)
+    ind_degrees = degree.transform(ind)
+    by_threshold = {r["threshold"]: r for r in row["degree"]["calibration"]}
+    assert by_threshold[0.5]["observed_above"] == pytest.approx((ind_degrees > 0.5).mean())
+    assert by_threshold[0.9]["expected_above"] == pytest.approx(0.1)
+    assert row["degree"]["ind_mean"] == pytest.approx(ind_degrees.mean())
+    # the far set lies beyond every validation score: its degree is near 1
+    assert row["degree"]["mean_by_set"]["far"] > 0.99
+    # the severity rho of the degree: Spearman of the degree of the clean base (0) and its versions (1-3)
+    base = [i["image"].mean() for i in sets.artefact_base]
+    noisy = [i.image.mean() for s in (1, 2, 3) for i in sets.ood[f"noise severity {s}"]]
+    severities = [0] * len(base) + [s for s in (1, 2, 3) for _ in sets.artefact_base]
+    expected = spearmanr(degree.transform(np.array(base + noisy, dtype=np.float64)), severities).statistic
+    assert row["degree"]["severity_spearman"]["noise"] == pytest.approx(expected)
+    # without a degree there is no degree row
+    assert evaluate(_mean_scorer, sets, num_classes=3)["degree"] is None

@@ -137,3 +137,15 @@ def test_bad_histogram_options(tmp_path: Path):
         score_histograms(ind, groups, tmp_path / "x.png", "bad", clip_quantiles=(0.9, 0.1))
     with pytest.raises(ValueError, match="bins"):
         score_histograms(ind, groups, tmp_path / "x.png", "bad", bins=0)
+
+
+def test_degree_calibration_plot(tmp_path: Path):
+    from monai_ood.benchmark.plots import degree_calibration_plot
+
+    rng = np.random.default_rng(0)
+    path = degree_calibration_plot(
+        {"seed 0": rng.random(300), "seed 1": rng.random(200) ** 0.5}, tmp_path / "degree.png", "method X"
+    )
+    _check_png(path, (int(2 * ROC_INCHES * 0.8 * DPI), int(ROC_INCHES * 0.75 * DPI)))
+    with pytest.raises(ValueError):
+        degree_calibration_plot({}, tmp_path / "empty.png", "empty")

@@ -103,7 +103,16 @@ def test_quick_benchmark_produces_every_method_and_column(tmp_path):
     assert report["command"].startswith("python benchmarks/run.py --quick")
     # plots beside the tables: one ROC and one histogram PNG per method, each a real picture
     pngs = sorted((tmp_path / "out" / "plots").glob("*.png"))
-    assert len(pngs) == 2 * len(METHODS)
+    assert len(pngs) == 2 * len(METHODS) + 1  # and the default detector's degree calibration
+    assert report["degree_plot"] == "plots/default-fused_degree_calibration.png"
+    # the OOD degree, fitted on each method's validation scores, measured on the InD test images
+    for method, row in run["methods"].items():
+        degree = row["degree"]
+        assert [r["threshold"] for r in degree["calibration"]] == [0.5, 0.8, 0.9, 0.95, 0.99], method
+        assert degree["calibration"][0]["n"] == row["ind"]["n"], method
+        assert set(degree["severity_spearman"]) == ARTEFACTS, method
+        assert len(degree["validation_scores"]) == run["facts"]["data"]["validation"], method
+    assert "Severity ρ of the OOD degree per artefact" in table
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     # the default detector's ablation and the goals, each goal checked against its own row
     assert set(run["ablation"]) == ABLATION
