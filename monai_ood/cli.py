@@ -35,7 +35,7 @@ from .files import (
 
 __all__ = ["main", "build_parser"]
 
-OUTPUT_SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+OUTPUT_SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd", "dicom": ".dcm"}
 # exit status (`monai-ood score --help` explains them to users)
 EXIT_FAILED_INPUTS = 1  # score went through every input, some failed: their rows say status=failed
 EXIT_ERROR = 2  # a usage or environment error stopped the command, reported in one line on stderr
@@ -444,6 +444,8 @@ def _cmd_score(args) -> int:
     if not sources:
         raise ValueError("no input given: name image files or folders (positionally or with -i)")
     every_input = [p for path in sources for p in find_inputs(path)]
+    if args.format == "dicom":
+        _check_dicom_inputs(every_input, Path(args.output))
     loaded = load_model(args.checkpoint, device=args.device)
     preprocessing = loaded.preprocessing
     if args.axis:
@@ -467,6 +469,8 @@ def _cmd_score(args) -> int:
     planned = {}
     for path, stem in stems.items():
         names = {"segmentation": f"{stem}_seg{suffix}", "score_map": f"{stem}_score{suffix}"}
+        if args.format == "dicom":
+            del names["score_map"]  # A_xi and the segmentation only: DICOM SEG + Parametric Map
         if loaded.calibrator is not None:
             names["calibrated_map"] = f"{stem}_score_calibrated{suffix}"
         planned[path] = {key: output / name for key, name in names.items()}
@@ -529,7 +533,8 @@ def _cmd_score(args) -> int:
         for path, problem in problems.items():
             if problem is not None:
                 fail(path, problem)
-        if not args.no_slicer_files and part_id == 0:
+        # Slicer loads DICOM outputs through its DICOM module, not the loader script of NIfTI maps
+        if not args.no_slicer_files and part_id == 0 and args.format != "dicom":
             from .io.slicer import write_slicer_files
 
             write_slicer_files(
@@ -573,7 +578,12 @@ def _cmd_score(args) -> int:
                     save(path)
                     continue
                 try:
-                    scored.write(paths, path if path.is_file() else None)
+                    if args.format == "dicom":
+                        from .io.dicom_output import write_dicom_outputs
+
+                        write_dicom_outputs(scored, paths, path, loaded.class_names, loaded.net.num_classes)
+                    else:
+                        scored.write(paths, path if path.is_file() else None)
                 except ValueError as error:  # the maps do not fit the input (write_image's checks)
                     fail(path, _error_line(error))
                     save(path)
@@ -616,6 +626,29 @@ def _cmd_score(args) -> int:
         )
         return EXIT_FAILED_INPUTS
     return 0
+
+
+def _check_dicom_inputs(inputs: Sequence[Path], output: Path) -> None:
+    """Refuse --format dicom before any work for inputs that are not DICOM (no study or patient to
+    reference) and for an output folder that is an input series folder (the outputs would join it)."""
+    from .io.dicom_output import is_dicom_input
+
+    others = [path for path in inputs if not is_dicom_input(path)]
+    if others:
+        names = ", ".join(repr(str(path)) for path in others[:3]) + (
+            f" and {len(others) - 3} more" if len(others) > 3 else ""
+        )
+        raise ValueError(
+            f"--format dicom writes DICOM SEG and Parametric Map objects that belong to their input's DICOM "
+            f"study and series; {len(others)} input(s) are not DICOM: {names}. Score those with --format "
+            "nifti (or nrrd) into another --output folder"
+        )
+    for path in inputs:
+        if path.is_dir() and path.resolve() == output.resolve():
+            raise ValueError(
+                f"--output {str(output)!r} is the input series folder: the DICOM outputs would join the "
+                "series; choose another --output folder"
+            )
 
 
 def _score_part(args) -> tuple[int, int]:
@@ -676,55 +709,48 @@ def _prepare_evaluation_output(args) -> Path:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_checkpoint
+    """Both modes take the same path after scoring: one report (evaluation.json), its markdown table
+    (evaluation.md, printed) and the same plots; the embedded benchmark adds its severity, failure,
+    localisation and Dice rows."""
+    from .evaluation import evaluate_checkpoint, evaluate_folders, parse_ood_set
 
     if args.ind is not None or args.ood or args.labels:
-        return _evaluate_own_data(args)
-    output = _prepare_evaluation_output(args)
-    report = evaluate_checkpoint(
-        args.checkpoint, cache_dir=args.cache_dir, device=args.device, seed=args.seed, plots=output / "plots"
-    )
-    atomic_write_text(output / "evaluation.json", json.dumps(report, indent=2), args.overwrite)
-    for name, row in report["ood_sets"].items():
-        print(
-            f"{name:<32} {row['category']:<6}  AUROC {row['auroc']:.3f}  FPR@95TPR {row['fpr95']:.3f}  n={row['n']}"
+        if args.ind is None or not args.ood:
+            raise ValueError("evaluating your own data needs --ind and at least one --ood")
+        ood_sets = [parse_ood_set(text) for text in args.ood]
+        for source in [args.ind, *[path for _, path, _ in ood_sets], *([args.labels] if args.labels else [])]:
+            if not Path(source).exists():
+                raise FileNotFoundError(f"not found: {source}")
+        output = _prepare_evaluation_output(args)
+        report = evaluate_folders(
+            args.checkpoint,
+            args.ind,
+            ood_sets,
+            labels=args.labels,
+            device=args.device,
+            batch_size=args.batch_size,
+            plots=output / "plots",
         )
-    for category, row in report["categories"].items():
-        print(f"category {category:<6} mean AUROC {row['auroc']:.3f}  mean FPR@95TPR {row['fpr95']:.3f}")
-    if report.get("localisation"):
-        loc = report["localisation"]
-        print(
-            f"lesion localisation (A_xi inside the brain): pixel AUROC {loc['pixel_auroc']:.3f}, AUPRO {loc['aupro']:.3f}"
+    else:
+        output = _prepare_evaluation_output(args)
+        report = evaluate_checkpoint(
+            args.checkpoint,
+            cache_dir=args.cache_dir,
+            device=args.device,
+            seed=args.seed,
+            plots=output / "plots",
         )
-    print(f"mean Dice (CSF/GM/WM) on the InD test set: {report['dice']['mean_foreground']:.3f}")
-    print(f"written to {output / 'evaluation.json'} and {output / 'plots'}")
-    return 0
+    return _write_evaluation(report, output, args.overwrite)
 
 
-def _evaluate_own_data(args) -> int:
-    from .evaluation import evaluate_folders, evaluation_markdown, parse_ood_set
+def _write_evaluation(report: dict, output: Path, overwrite: bool) -> int:
+    from .evaluation import evaluation_markdown
 
-    if args.ind is None or not args.ood:
-        raise ValueError("evaluating your own data needs --ind and at least one --ood")
-    ood_sets = [parse_ood_set(text) for text in args.ood]
-    for source in [args.ind, *[path for _, path, _ in ood_sets], *([args.labels] if args.labels else [])]:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"not found: {source}")
-    output = _prepare_evaluation_output(args)
-    report = evaluate_folders(
-        args.checkpoint,
-        args.ind,
-        ood_sets,
-        labels=args.labels,
-        device=args.device,
-        batch_size=args.batch_size,
-        plots=output / "plots",
-    )
-    atomic_write_text(output / "evaluation.json", json.dumps(report, indent=2), args.overwrite)
+    atomic_write_text(output / "evaluation.json", json.dumps(report, indent=2), overwrite)
     markdown = evaluation_markdown(report)
     atomic_write_text(output / "evaluation.md", markdown, overwrite=True)
     print(markdown, end="")
-    for row in report["failed"]:
+    for row in report.get("failed", []):
         print(f"monai-ood evaluate: not scored: {row['input']}: {row['error']}", file=sys.stderr)
     print(f"written to {output / 'evaluation.json'}, {output / 'evaluation.md'} and {output / 'plots'}")
     return 0
@@ -777,8 +803,8 @@ def _add_slicing_arguments(parser: argparse.ArgumentParser, whose: str = "") -> 
     )
 
 
-def _add_score_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of `score`, shared by `triage` (which scores first)."""
+def _add_score_arguments(p: argparse.ArgumentParser, formats: Sequence[str] = tuple(OUTPUT_SUFFIXES)) -> None:
+    """The arguments of `score`, shared by `triage` (which scores first; it reads NIfTI/NRRD maps back)."""
     p.add_argument("inputs", nargs="*", help="image files, DICOM series folders, or folders of them")
     p.add_argument(
         "-i",
@@ -793,7 +819,16 @@ def _add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model.pt written by `monai-ood train`")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument(
-        "--format", choices=sorted(OUTPUT_SUFFIXES), default="nifti", help="map file format (default: nifti)"
+        "--format",
+        choices=sorted(formats),
+        default="nifti",
+        help="output file format (default: nifti)"
+        + (
+            "; dicom (DICOM inputs only): the segmentation as DICOM SEG and A_xi as a DICOM Parametric "
+            "Map, NAME_seg.dcm and NAME_score_calibrated.dcm, in the input's study, referencing its series"
+            if "dicom" in formats
+            else ""
+        ),
     )
     p.add_argument(
         "--axis",
@@ -1012,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=TRIAGE_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_score_arguments(p)
+    _add_score_arguments(p, formats=("nifti", "nrrd"))  # triage reads the maps back for its thumbnails
     p.add_argument(
         "--threshold",
         type=float,

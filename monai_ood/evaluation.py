@@ -240,15 +240,10 @@ def evaluate_checkpoint(
     loaded = load_model(checkpoint, device=device)  # None: cuda when available
     sets = benchmark_sets(loaded.preprocessing, seed=seed, cache_dir=cache_dir)
     num_classes = loaded.net.num_classes
-    row = evaluate(checkpoint_scorer(loaded, batch_size), sets, num_classes, loaded.class_names)
-    written = []
-    if plots is not None:
-        from .benchmark.plots import method_plots
-
-        by_set = {name: (v["category"], np.asarray(row["scores"][name])) for name, v in row["sets"].items()}
-        written = [
-            str(p) for p in method_plots("checkpoint", np.asarray(row["scores"]["ind"]), by_set, plots)
-        ]
+    row = evaluate(
+        checkpoint_scorer(loaded, batch_size), sets, num_classes, loaded.class_names, degree=loaded.degree
+    )
+    written = _plots(row["scores"], row["sets"], row["degree"], loaded.degree, plots)
     return {
         "checkpoint": str(checkpoint),
         "seed": seed,
@@ -261,9 +256,31 @@ def evaluate_checkpoint(
         "severity_spearman": row["severity_spearman"],
         "failure": row["failure"],
         "localisation": row["localisation"],
+        "degree": row["degree"],
         "scores": row["scores"],
         "plots": written,
     }
+
+
+def _plots(scores: dict, sets: dict, degree_row, degree, folder) -> list[str]:
+    """The figures of an evaluation, the same for the embedded benchmark and your own folders: ROC curves
+    and score histograms per category, and the OOD degree's calibration on the InD images (when the
+    checkpoint has a degree)."""
+    if folder is None:
+        return []
+    from .benchmark.plots import degree_calibration_plot, method_plots
+
+    by_set = {name: (v["category"], np.asarray(scores[name])) for name, v in sets.items()}
+    written = method_plots("checkpoint", np.asarray(scores["ind"]), by_set, folder)
+    if degree_row is not None:
+        written.append(
+            degree_calibration_plot(
+                {"InD images": degree.transform(np.asarray(scores["ind"], dtype=np.float64))},
+                Path(folder) / "checkpoint_degree_calibration.png",
+                "OOD degree on the InD images (calibrated on the validation images)",
+            )
+        )
+    return [str(p) for p in written]
 
 
 def _folder_inputs(source) -> list:
@@ -387,18 +404,17 @@ def evaluate_folders(
         paths = list(dice_of)
         failure = risk_coverage([score_of[p] for p in paths], [1.0 - dice_of[p] for p in paths])
         failure["n"] = len(paths)
-    written = []
-    if plots is not None:
-        from .benchmark.plots import method_plots
-
-        by_set = {name: (v["category"], np.asarray(scores[name])) for name, v in sets.items()}
-        written = [str(p) for p in method_plots("checkpoint", ind_scores, by_set, plots)]
+    degree = None
+    if loaded.degree is not None:
+        degree = degree_report(loaded.degree, ind_scores, {name: scores[name] for name in sets})
+    written = _plots(scores, sets, degree, loaded.degree, plots)
     return {
         "checkpoint": str(checkpoint),
         "ind": {"source": str(ind), "n": int(ind_scores.size), "mean_score": float(ind_scores.mean())},
         "ood_sets": sets,
         "categories": category_means(sets),
         "failure": failure,
+        "degree": degree,
         "failed": failed,
         "scores": scores,
         "plots": written,
@@ -407,8 +423,11 @@ def evaluate_folders(
 
 def evaluation_markdown(report: dict) -> str:
     """The report as a markdown table: one row per OOD set, then the category means."""
+    source = report["ind"].get(
+        "source", "the embedded benchmark's InD reference (test slices and mild variants)"
+    )
     lines = [
-        f"InD: {report['ind']['source']} ({report['ind']['n']} images, mean score {report['ind']['mean_score']:.3f})",
+        f"InD: {source} ({report['ind']['n']} images, mean score {report['ind']['mean_score']:.3f})",
         "",
         "| OOD set | category | n | AUROC | FPR@95TPR | AUPR-IN | AUPR-OUT |",
         "|---|---|---|---|---|---|---|",
@@ -422,9 +441,41 @@ def evaluation_markdown(report: dict) -> str:
         lines.append(f"| mean of {category} | {category} | | {row['auroc']:.3f} | {row['fpr95']:.3f} | | |")
     if report.get("failure"):
         f = report["failure"]
+        labelled = f" ({f['n']} labelled images)" if "n" in f else ""
         lines += [
             "",
-            f"Failure detection ({f['n']} labelled images): AURC {f['aurc']:.4f} (random {f['random']:.4f})",
+            f"Failure detection{labelled}: AURC {f['aurc']:.4f} (random {f['random']:.4f}; lower is better)",
+        ]
+    if report.get("severity_spearman"):
+        rho = report["severity_spearman"]
+        lines += [
+            "",
+            "Severity ρ (Spearman, image score vs artefact severity 0-3): "
+            + ", ".join(f"{name} {value:.3f}" for name, value in rho.items()),
+        ]
+    if report.get("localisation"):
+        loc = report["localisation"]
+        lines += [
+            "",
+            f"Localisation on {loc['set']!r} (A_xi inside the brain): pixel AUROC {loc['pixel_auroc']:.3f}, "
+            f"AUPRO {loc['aupro']:.3f}",
+        ]
+    if report.get("dice"):
+        lines += ["", f"Mean foreground Dice on the InD images: {report['dice']['mean_foreground']:.3f}"]
+    if report.get("degree"):
+        rows = report["degree"]["calibration"]
+        lines += [
+            "",
+            f"OOD degree on the {rows[0]['n']} InD images (a fraction 1 - t should lie above t if they are "
+            "drawn like the validation images; in brackets the 95% range of that fraction):",
+            "",
+            "| degree > t | promised | observed |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['threshold']:g} | {r['expected_above']:.2f} | {r['observed_above']:.3f} "
+            f"[{r['range95'][0]:.3f}, {r['range95'][1]:.3f}] |"
+            for r in rows
         ]
     if report.get("failed"):
         lines += ["", f"Not scored: {len(report['failed'])} input(s), see evaluation.json"]
