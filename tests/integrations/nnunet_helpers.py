@@ -1,5 +1,5 @@
 """Helpers of the nnU-Net integration's unit tests: the nnunetv2 guard, tiny nnU-Net U-Nets (plain and
-wrapped), a plan, and preprocessed cases as nnU-Net stores them.
+wrapped), a plan, an initialised trainer on it, and preprocessed cases as nnU-Net stores them.
 
 Imported by the test modules and ``conftest.py`` of this folder (``from nnunet_helpers import ...``);
 nothing here imports nnU-Net until it is called, so a module calls :func:`require_nnunet` first.
@@ -84,6 +84,33 @@ def plans(n_stages: int = 3) -> dict:
         "configurations": {"3d_fullres": configuration},
         "label_manager": "LabelManager",
     }
+
+
+DATASET_JSON = {
+    "channel_names": {"0": "MRI"},
+    "labels": {"background": 0, "a": 1, "b": 2},
+    "numTraining": 2,
+    "file_ending": ".nii.gz",
+}
+
+
+def initialised_trainer(trainer_class, root, monkeypatch, fold: int = 0, n_stages: int = 3):
+    """A trainer of ``trainer_class`` on :func:`plans`, initialised as ``nnUNetv2_train`` initialises it
+    (network, optimiser, loss, logger), on CPU, with the ``nnUNet_*`` folders under ``root``.
+
+    There is no data: one placeholder file in the preprocessed folder tells nnU-Net the dataset format,
+    which ``initialize`` reads. Enough for what happens before the first epoch (pretrained weights).
+    """
+    plan = plans(n_stages)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, str(root / name))
+    data = root / "nnUNet_preprocessed" / plan["dataset_name"] / "nnUNetPlans_3d_fullres"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "placeholder.b2nd").touch()
+    plan["continue_training"] = False  # nnU-Net >= 2.8 reads (and removes) this key
+    trainer = trainer_class(plan, "3d_fullres", fold, dict(DATASET_JSON), device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer
 
 
 def case(shape, seed=0, foreground=None):

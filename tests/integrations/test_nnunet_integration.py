@@ -1,6 +1,8 @@
 """nnU-Net v2 end to end, as a user runs it: a tiny synthetic raw dataset -> nnUNetv2_plan_and_preprocess ->
 nnUNetv2_train -tr <prototype trainer> (found through nnUNet_extTrainer; it fits the default detector and
-its calibration at the end) -> prediction with the detector's score maps.
+its calibration at the end) -> prediction with the detector's score maps in the prediction folder's
+``ood/`` subfolder -> nnUNetv2_evaluate_folder and nnUNetv2_apply_postprocessing on that prediction folder
+(they see the segmentations only) -> nnUNetv2_predict's -num_parts / -part_id and --c on one folder.
 
 The nnU-Net commands run as subprocesses with the nnUNet_* variables of a temporary folder. The planned
 network is shrunk (8 base features instead of 32) and the trainer variant runs 2 epochs of 3 iterations,
@@ -10,8 +12,10 @@ is an error, not a skip: ``make test`` installs it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -58,7 +62,7 @@ def _blob_case(rng: np.random.Generator, shape, spacing, angle: float):
 
 def _make_raw_dataset(raw: Path) -> Path:
     folder = raw / DATASET
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir(parents=True)
     rng = np.random.default_rng(0)
     # 6 cases: nnU-Net's 5-fold split gives fold 0 two validation cases; the toy cases are smaller than
@@ -72,8 +76,11 @@ def _make_raw_dataset(raw: Path) -> Path:
     # test cases on other grids than the training ones: resampled, cropped and oblique
     grids = [((33, 31, 29), (1.1, 1.25, 1.4), 0.3), ((40, 30, 36), (0.9, 1.0, 1.2), 0.0)]
     for i, (shape, spacing, angle) in enumerate(grids):
-        image, _, affine = _blob_case(rng, shape, spacing, angle)
+        image, label, affine = _blob_case(rng, shape, spacing, angle)
         nib.save(nib.Nifti1Image(image, affine), folder / "imagesTs" / f"test_{i:03d}_0000.nii.gz")
+        nib.save(
+            nib.Nifti1Image(label, affine), folder / "labelsTs" / f"test_{i:03d}.nii.gz"
+        )  # for evaluation
     dataset_json = {
         "channel_names": {"0": "MRI"},
         "labels": {"background": 0, "blob": 1},
@@ -194,16 +201,28 @@ def test_nnunet_trainer_trains_logs_and_calibrates(nnunet):
     assert "final validation skipped (test trainer)" in training_log  # see monai_ood_test_trainers.py
 
 
+def _cases(inputs: Path) -> list[str]:
+    return sorted(p.name[: -len("_0000.nii.gz")] for p in inputs.glob("*_0000.nii.gz"))
+
+
+def _table(output: Path) -> list[dict]:
+    with open(output / "ood" / "ood_scores.csv", encoding="utf-8") as table:
+        return list(csv.DictReader(table))
+
+
 def _check_outputs(output: Path, inputs: Path) -> list[dict]:
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in inputs.glob("*_0000.nii.gz"))
+    cases = _cases(inputs)
     assert cases
+    # nnU-Net's folder holds its segmentations only; the maps and the table are in ood/
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in cases]
+    assert not list(output.glob("*_score*")) and not (output / "ood_scores.csv").exists()
     for case in cases:
         source = nib.load(inputs / f"{case}_0000.nii.gz")
         segmentation = nib.load(output / f"{case}.nii.gz")
         assert segmentation.shape == source.shape
         np.testing.assert_allclose(segmentation.affine, source.affine, atol=1e-5)
         for suffix in ("_score", "_score_calibrated"):
-            score_map = nib.load(output / f"{case}{suffix}.nii.gz")
+            score_map = nib.load(output / "ood" / f"{case}{suffix}.nii.gz")
             assert score_map.shape == source.shape, suffix
             assert np.array_equal(score_map.affine, source.affine), suffix  # the input's affine, bit for bit
             values = np.asarray(score_map.dataobj)
@@ -211,29 +230,71 @@ def _check_outputs(output: Path, inputs: Path) -> list[dict]:
             if suffix == "_score_calibrated":
                 assert values.max() <= 1
             assert values.max() > 0
-    with open(output / "ood_scores.csv", encoding="utf-8") as table:
-        rows = list(csv.DictReader(table))
-    assert sorted(r["case"] for r in rows) == cases
+    rows = _table(output)
+    assert [r["case"] for r in rows] == cases
     for row in rows:
         assert np.isfinite(float(row["image_score"])) and 0 <= float(row["calibrated_degree"]) <= 1
+        assert Path(row["score_map"]) == output / "ood" / f"{row['case']}_score.nii.gz"
+    assert json.loads((output / "ood" / "ood_scores.json").read_text())[0]["case"] == cases[0]
     return rows
 
 
-def test_predict_command_writes_maps_at_input_geometry(nnunet, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def predicted(nnunet):
     """``python -m monai_ood.integrations.nnunet predict`` (run in-process here: its nnU-Net worker processes
     are spawned all the same) with nnU-Net's default, parallel path: preprocessing and export workers."""
-    _use_nnunet_env(monkeypatch, nnunet)
     output = nnunet["root"] / "predicted"
     model = ["-d", str(DATASET_ID), "-c", CONFIG, "-tr", TRAINER, "-f", "0"]
     folders = ["-i", str(nnunet["raw"] / "imagesTs"), "-o", str(output)]
     options = ["-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
-    assert cli.main(["predict", *folders, *model, *options]) == 0
-    rows = _check_outputs(output, nnunet["raw"] / "imagesTs")
-    printed = capsys.readouterr().out
-    assert all(f"{row['case']}: image score" in printed for row in rows)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(printed):
+        _use_nnunet_env(monkeypatch, nnunet)
+        assert cli.main(["predict", *folders, *model, *options]) == 0
+    return {"folder": output, "printed": printed.getvalue()}
 
 
-def test_sequential_prediction_and_calibrate_command_in_process(nnunet, monkeypatch, capsys):
+def test_predict_command_writes_maps_at_input_geometry(nnunet, predicted):
+    rows = _check_outputs(predicted["folder"], nnunet["raw"] / "imagesTs")
+    assert all(f"{row['case']}: image score" in predicted["printed"] for row in rows)
+
+
+def test_nnunet_evaluation_and_postprocessing_see_only_the_segmentations(nnunet, predicted):
+    """nnU-Net's own tools take every ``*.nii.gz`` of a prediction folder for a case: on our folder they
+    must find the segmentations, each with its reference, and nothing else (the maps are in ood/)."""
+    folder, env = predicted["folder"], nnunet["env"]
+    cases = _cases(nnunet["raw"] / "imagesTs")
+    labels = nnunet["raw"] / "labelsTs"
+    # without --chill nnU-Net also insists on a prediction for every reference case
+    evaluate = [str(BIN / "nnUNetv2_evaluate_folder"), str(labels), str(folder), "-np", "1"]
+    evaluate += ["-djfile", str(folder / "dataset.json"), "-pfile", str(folder / "plans.json")]
+    _run(evaluate, env, nnunet["root"] / "evaluate.log")
+    summary = json.loads((folder / "summary.json").read_text())
+    per_case = summary["metric_per_case"]
+    assert sorted(Path(c["prediction_file"]).name for c in per_case) == [f"{c}.nii.gz" for c in cases]
+    assert sorted(Path(c["reference_file"]).name for c in per_case) == [f"{c}.nii.gz" for c in cases]
+    dice = [c["metrics"]["1"]["Dice"] for c in per_case]
+    assert all(np.isfinite(d) and 0 <= d <= 1 for d in dice), dice
+
+    # nnU-Net's postprocessing, with a postprocessing.pkl as nnUNetv2_find_best_configuration writes it
+    from batchgenerators.utilities.file_and_folder_operations import save_pickle
+    from nnunetv2.postprocessing.remove_connected_components import (
+        remove_all_but_largest_component_from_segmentation,
+    )
+
+    pkl = nnunet["root"] / "postprocessing.pkl"
+    save_pickle(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": [1]}]), pkl)
+    postprocessed = nnunet["root"] / "postprocessed"
+    apply = [str(BIN / "nnUNetv2_apply_postprocessing"), "-i", str(folder), "-o", str(postprocessed)]
+    _run([*apply, "-pp_pkl_file", str(pkl), "-np", "1"], env, nnunet["root"] / "postprocess.log")
+    assert sorted(p.name for p in postprocessed.iterdir()) == [f"{c}.nii.gz" for c in cases]
+    for case in cases:  # each file is our segmentation, postprocessed
+        ours, theirs = nib.load(folder / f"{case}.nii.gz"), nib.load(postprocessed / f"{case}.nii.gz")
+        expected = remove_all_but_largest_component_from_segmentation(np.asarray(ours.dataobj), [1])
+        assert theirs.shape == ours.shape and np.array_equal(np.asarray(theirs.dataobj), expected)
+
+
+def test_sequential_prediction_and_calibrate_command_in_process(nnunet, predicted, monkeypatch, capsys):
     _use_nnunet_env(monkeypatch, nnunet)
 
     # calibration for another checkpoint, stored beside it under its own name
@@ -273,11 +334,61 @@ def test_sequential_prediction_and_calibrate_command_in_process(nnunet, monkeypa
     assert maps["calibrated"] is None and maps["score"].shape == (20, 24, 36)
     assert np.isfinite(maps["image_score"])
 
-    parallel = nnunet["root"] / "predicted"
-    if parallel.is_dir():  # written by the test above (with mirroring for the segmentation, not the maps)
-        for path in output.glob("*_score*.nii.gz"):
-            ours, theirs = nib.load(path).dataobj, nib.load(parallel / path.name).dataobj
-            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+    # the parallel path's maps (its segmentation mirrored, the maps never are)
+    parallel = predicted["folder"] / "ood"
+    for path in (output / "ood").glob("*_score*.nii.gz"):
+        ours, theirs = nib.load(path).dataobj, nib.load(parallel / path.name).dataobj
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_parts_and_continue_fill_one_folder_and_one_table(nnunet, monkeypatch, capsys):
+    """-num_parts / -part_id split the cases over calls into one folder and one table; --c then skips a
+    case only when its segmentation, both maps and its table row are there (sequential path, CPU)."""
+    _use_nnunet_env(monkeypatch, nnunet)
+    inputs, output = nnunet["raw"] / "imagesTs", nnunet["root"] / "predicted_in_parts"
+    cases = _cases(inputs)
+    assert len(cases) == 2
+    predict = ["predict", "-i", str(inputs), "-o", str(output), "-m", str(nnunet["model"]), "-f", "0"]
+    predict += ["-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta", "--disable_progress_bar"]
+
+    with pytest.raises(SystemExit) as refused:
+        cli.main([*predict, "-num_parts", "2", "-part_id", "2"])
+    assert "-part_id must lie in 0..1" in str(refused.value.code)
+
+    on_device = []  # what the predictor is told (nnU-Net turns it off on CPU by itself)
+    init = nnUNetPrototypeOODPredictor.__init__
+
+    def spy(self, *args, **kwargs):
+        on_device.append(kwargs["perform_everything_on_device"])
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(nnUNetPrototypeOODPredictor, "__init__", spy)
+    assert cli.main([*predict, "-num_parts", "2", "-part_id", "1", "--not_on_device"]) == 0
+    assert on_device == [False]
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == [f"{cases[1]}.nii.gz"]  # cases[1::2]
+    assert [row["case"] for row in _table(output)] == [cases[1]]
+    assert cli.main([*predict, "-num_parts", "2", "-part_id", "0"]) == 0
+    assert on_device == [False, True]
+    _check_outputs(output, inputs)  # both parts' cases, one table
+    capsys.readouterr()
+
+    def written() -> dict[str, float]:
+        files = [*output.glob("*.nii.gz"), *(output / "ood").glob("*.nii.gz")]
+        return {p.name: p.stat().st_mtime_ns for p in files}
+
+    before = written()
+    assert cli.main([*predict, "--c"]) == 0
+    assert "2 of 2 cases have their segmentation, OOD maps and table row already" in capsys.readouterr().out
+    assert written() == before
+    (output / "ood" / f"{cases[0]}_score_calibrated.nii.gz").unlink()  # as if stopped before A_xi
+    assert cli.main([*predict, "--continue_prediction"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 2 cases" in printed and f"{cases[0]}: image score" in printed
+    assert f"{cases[1]}: image score" not in printed
+    after = written()
+    assert all(after[name] == time for name, time in before.items() if name.startswith(cases[1]))
+    assert after[f"{cases[0]}.nii.gz"] != before[f"{cases[0]}.nii.gz"]
+    _check_outputs(output, inputs)
 
 
 def test_nnunet_predictor_segments_with_the_wrapped_network(nnunet, monkeypatch):
@@ -306,6 +417,7 @@ def test_nnunet_predictor_segments_with_the_wrapped_network(nnunet, monkeypatch)
         segmentation = nib.load(output / source.name.replace("_0000.nii.gz", ".nii.gz"))
         assert segmentation.shape == nib.load(source).shape
         assert not (output / source.name.replace("_0000.nii.gz", "_score.nii.gz")).exists()
+        assert not (output / "ood").exists()
 
 
 def test_predict_refuses_stale_old_or_missing_ood_files_in_one_line(nnunet, monkeypatch, tmp_path):
@@ -315,6 +427,7 @@ def test_predict_refuses_stale_old_or_missing_ood_files_in_one_line(nnunet, monk
     model = tmp_path / "model"
     shutil.copytree(nnunet["model"], model, ignore=shutil.ignore_patterns("*checkpoint_best*", "validation"))
     fold = model / "fold_0"
+    shutil.copy(nnunet["model"] / "fold_0" / "checkpoint_best.pth", fold)  # without its detector
     checkpoint_file = fold / "checkpoint_final.pth"
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
     key = next(k for k in checkpoint["network_weights"] if k.endswith("conv.weight"))
@@ -332,13 +445,20 @@ def test_predict_refuses_stale_old_or_missing_ood_files_in_one_line(nnunet, monk
     predict += ["-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"]
     command = f"python -m monai_ood.integrations.nnunet calibrate {DATASET} {CONFIG} 0 -tr {TRAINER}"
 
-    def refusal() -> str:
+    def refusal_of(arguments: list[str], remedy: str) -> str:
         with pytest.raises(SystemExit) as stop:
-            cli.main(predict)
+            cli.main(arguments)
         message = str(stop.value.code)
-        assert "\n" not in message and command in message, message
+        assert "\n" not in message and remedy in message, message
         return message
 
+    def refusal() -> str:
+        return refusal_of(predict, command)
+
+    best = refusal_of(
+        [*predict, "-chk", "checkpoint_best.pth"], f"{command} -p nnUNetPlans -chk checkpoint_best.pth"
+    )
+    assert "no default detector (ood_detector_checkpoint_best.pt)" in best
     assert "other weights" in refusal()
     WeibullCalibrator().fit(np.random.default_rng(0).weibull(2.0, 100)).save(fold / "ood_calibration.json")
     assert "bare Weibull fit" in refusal()

@@ -9,7 +9,10 @@
   its map on the validation fold, the project's :class:`~monai_ood.calibration.Calibration` record,
   stored as ``fold_<f>/ood_calibration.json`` (:mod:`~monai_ood.integrations.nnunet.calibration`).
 * :class:`nnUNetPrototypeOODPredictor`: nnU-Net's predictor writing the detector's ``A`` and ``A_xi``
-  beside the segmentations (``python -m monai_ood.integrations.nnunet predict ...``).
+  into the ``ood/`` subfolder of the prediction folder, so that nnU-Net's own tools see only the
+  segmentations (``python -m monai_ood.integrations.nnunet predict ...``).
+* :func:`load_pretrained_weights`: ``-pretrained_weights`` from a plain nnU-Net checkpoint onto the
+  wrapper's ``backbone.*`` (:mod:`~monai_ood.integrations.nnunet.pretrained`).
 
 Names are imported on first use, so ``env`` works without loading nnU-Net.
 """
@@ -38,6 +41,8 @@ _EXPORTS = {
     "map_values": "sliding_window",
     "map_to_original_array": "geometry",
     "map_to_input_image": "geometry",
+    "load_pretrained_weights": "pretrained",
+    "PretrainedWeights": "pretrained",
     "export_line": "cli",
     "trainer_folder": "cli",
 }

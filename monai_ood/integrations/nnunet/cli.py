@@ -6,6 +6,8 @@ prediction with score maps.
     python -m monai_ood.integrations.nnunet env                      # prints: export nnUNet_extTrainer=...
     nnUNetv2_train 1 3d_fullres 0 -tr nnUNetTrainerPrototypeOOD      # nnU-Net's own command
     python -m monai_ood.integrations.nnunet predict -i imagesTs -o pred -d 1 -c 3d_fullres -f 0
+    # -> pred/CASE.nii.gz (nnU-Net's), pred/ood/CASE_score.nii.gz, pred/ood/CASE_score_calibrated.nii.gz,
+    #    pred/ood/ood_scores.csv; nnUNetv2_predict's flags (-num_parts/-part_id, --c, -chk, -npp/-nps, ...)
     python -m monai_ood.integrations.nnunet calibrate 1 3d_fullres 0  # again, e.g. for checkpoint_best.pth
 
 Training fits the default detector and its calibration by itself; ``calibrate`` fits both again (the
@@ -77,6 +79,14 @@ def _fold(value: str):
     return value if value == "all" else int(value)
 
 
+def _processes_default(variable: str, default: int = 3) -> int:
+    """``-npp`` / ``-nps`` defaults as nnUNetv2_predict's: the environment variable if it is an integer, else 3."""
+    try:
+        return int(os.environ.get(variable) or default)
+    except ValueError:
+        return default
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.paths import nnUNet_preprocessed
@@ -131,11 +141,16 @@ def _predict(args: argparse.Namespace) -> int:
         model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
     if not os.path.isdir(model_folder):
         raise SystemExit(f"model folder {model_folder!r} does not exist")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise SystemExit(
+            f"-part_id must lie in 0..{args.num_parts - 1} for -num_parts {args.num_parts}, got "
+            f"{args.part_id} (nnU-Net's convention: part ids start at 0)"
+        )
     predictor = nnUNetPrototypeOODPredictor(
         tile_step_size=args.step_size,
         use_gaussian=True,
         use_mirroring=not args.disable_tta,
-        perform_everything_on_device=True,
+        perform_everything_on_device=not args.not_on_device,
         device=_device(args.device),
         verbose=args.verbose,
         verbose_preprocessing=args.verbose,
@@ -147,23 +162,22 @@ def _predict(args: argparse.Namespace) -> int:
         predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     except (FileNotFoundError, ValueError) as error:  # a missing detector, a stale calibration: one line
         raise SystemExit(str(error)) from error
+    common = {
+        "save_probabilities": args.save_probabilities,
+        "overwrite": not args.continue_prediction,
+        "folder_with_segs_from_prev_stage": args.prev_stage_predictions,
+        "num_parts": args.num_parts,
+        "part_id": args.part_id,
+    }
     if args.npp == 0 and args.nps == 0:
-        predictor.predict_from_files_sequential(
-            args.i,
-            args.o,
-            save_probabilities=args.save_probabilities,
-            overwrite=not args.continue_prediction,
-            folder_with_segs_from_prev_stage=args.prev_stage_predictions,
-        )
+        predictor.predict_from_files_sequential(args.i, args.o, **common)
     else:
         predictor.predict_from_files(
             args.i,
             args.o,
-            save_probabilities=args.save_probabilities,
-            overwrite=not args.continue_prediction,
             num_processes_preprocessing=max(1, args.npp),
             num_processes_segmentation_export=max(1, args.nps),
-            folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+            **common,
         )
     for row in predictor.ood_rows:
         degree = row["calibrated_degree"]
@@ -202,9 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser(
         "predict",
-        help="nnU-Net prediction plus <case>_score.nii.gz (A) and <case>_score_calibrated.nii.gz (A_xi)",
-        description="Arguments as nnUNetv2_predict's. Writes nnU-Net's segmentations and, beside each, "
-        "<case>_score.nii.gz and <case>_score_calibrated.nii.gz at the input's geometry, and ood_scores.csv.",
+        help="nnU-Net prediction plus ood/<case>_score.nii.gz (A) and ood/<case>_score_calibrated.nii.gz (A_xi)",
+        description="Arguments as nnUNetv2_predict's, with its meanings and defaults (but -f defaults to the "
+        "folds found and -device to cuda only where there is one; -m as nnUNetv2_predict_from_modelfolder's). "
+        "Writes nnU-Net's "
+        "segmentations into the output folder and, in its subfolder ood/, <case>_score.nii.gz (A) and "
+        "<case>_score_calibrated.nii.gz (A_xi) at the input's geometry and ood_scores.csv/.json, so that "
+        "nnUNetv2_evaluate_folder and nnUNetv2_apply_postprocessing see only the segmentations.",
     )
     pred.add_argument("-i", required=True, help="input folder (nnU-Net naming: CASE_0000.nii.gz, ...)")
     pred.add_argument("-o", required=True, help="output folder")
@@ -215,17 +233,63 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("-m", help="model folder (instead of -d/-c/-tr/-p)")
     pred.add_argument("-f", nargs="+", help="folds (default: all folds found)")
     pred.add_argument(
-        "-chk", default="checkpoint_final.pth", help="checkpoint (default: checkpoint_final.pth)"
+        "-chk",
+        default="checkpoint_final.pth",
+        help="checkpoint of every fold; its detector and calibration are those fitted for it "
+        "(ood_detector.pt / ood_calibration.json for checkpoint_final.pth, ood_detector_<name>.pt / "
+        "ood_calibration_<name>.json otherwise). Default: checkpoint_final.pth",
     )
     pred.add_argument("-step_size", type=float, default=0.5, help="sliding-window tile step (default: 0.5)")
     pred.add_argument("--disable_tta", action="store_true", help="no mirroring for the segmentation")
     pred.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available)")
-    pred.add_argument("-npp", type=int, default=3, help="preprocessing processes (0 with -nps 0: sequential)")
-    pred.add_argument("-nps", type=int, default=3, help="segmentation export processes")
+    pred.add_argument(
+        "--not_on_device",
+        action="store_true",
+        help="nnU-Net's perform_everything_on_device off: the segmentation's sliding window accumulates in "
+        "CPU memory (for cases larger than the GPU's memory); the maps always do",
+    )
+    npp, nps = _processes_default("nnUNet_npp"), _processes_default("nnUNet_nps")
+    pred.add_argument(
+        "-npp",
+        type=int,
+        default=npp,
+        help=f"preprocessing processes; -npp 0 -nps 0 predicts sequentially, without worker processes. "
+        f"Default: $nnUNet_npp, else 3 (here: {npp})",
+    )
+    pred.add_argument(
+        "-nps",
+        type=int,
+        default=nps,
+        help=f"segmentation export processes. Default: $nnUNet_nps, else 3 (here: {nps})",
+    )
     pred.add_argument("-prev_stage_predictions", default=None, help="cascade: previous stage's predictions")
-    pred.add_argument("--save_probabilities", action="store_true")
-    pred.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")
-    pred.add_argument("--no-score-maps", dest="no_score_maps", action="store_true", help="segmentations only")
+    pred.add_argument(
+        "-num_parts",
+        type=int,
+        default=1,
+        help="number of separate predict calls sharing the input folder (e.g. one per GPU or job). Default: 1",
+    )
+    pred.add_argument(
+        "-part_id",
+        type=int,
+        default=0,
+        help="which of the -num_parts calls this one is, 0 .. num_parts-1 (each takes every num_parts-th "
+        "case; all write into the same -o and the same ood/ood_scores.csv). Default: 0",
+    )
+    pred.add_argument("--save_probabilities", action="store_true", help="also write nnU-Net's <case>.npz")
+    pred.add_argument(
+        "--continue_prediction",
+        "--c",
+        action="store_true",
+        help="continue an aborted prediction: skip the cases whose segmentation (and .npz with "
+        "--save_probabilities), ood/ maps and ood_scores.csv row all exist; predict the others",
+    )
+    pred.add_argument(
+        "--no-score-maps",
+        dest="no_score_maps",
+        action="store_true",
+        help="segmentations only, as nnUNetv2_predict",
+    )
     pred.add_argument("--verbose", action="store_true")
     pred.add_argument("--disable_progress_bar", action="store_true")
     return parser

@@ -1,17 +1,26 @@
 """``nnUNetPrototypeOODPredictor``: nnU-Net's predictor that also writes the default detector's maps.
 
 Segmentations are nnU-Net's own (same preprocessing, sliding window, mirroring, export). For every case
-written to ``<output>/<case><file_ending>`` the predictor adds, at the input's geometry:
+written to ``<output>/<case><file_ending>`` the predictor adds, at the input's geometry, in the subfolder
+``<output>/ood/`` (so that nnU-Net's own tools, which take every ``*<file_ending>`` of a prediction
+folder for a case, ``nnUNetv2_evaluate_folder`` and ``nnUNetv2_apply_postprocessing``, see only the
+segmentations):
 
-* ``<output>/<case>_score.nii.gz``: ``A(x)``, the map of the fold's default detector
+* ``ood/<case>_score.nii.gz``: ``A(x)``, the map of the fold's default detector
   (:class:`~monai_ood.detectors.FusedDetector`, stored as ``fold_<f>/ood_detector.pt``: its map terms,
   each divided by its validation median, so about 1 on typical tissue; float32);
-* ``<output>/<case>_score_calibrated.nii.gz``: ``A_xi = WeibullCDF(A)`` in ``[0, 1]`` with the calibration
+* ``ood/<case>_score_calibrated.nii.gz``: ``A_xi = WeibullCDF(A)`` in ``[0, 1]`` with the calibration
   stored beside the checkpoint (``fold_<f>/ood_calibration.json``); skipped, with a warning, if there is
   none; a calibration of another format, map or weights is refused in one line;
-* ``<output>/ood_scores.csv`` (and ``.json``): per case, ``image_score`` (the mean of the detector's fused
+* ``ood/ood_scores.csv`` (and ``.json``): per case, ``image_score`` (the mean of the detector's fused
   image scores over nnU-Net's tiles of the case, as ``monai-ood score`` averages a 3D volume's windows;
   higher = more atypical) and ``calibrated_degree`` (the mean of ``A_xi`` on nnU-Net's preprocessed grid).
+  The table is updated after every case, under a lock, keeping the rows of other cases whose maps are in
+  the folder: jobs that split a folder (``num_parts`` / ``part_id``) and continued runs
+  (``overwrite=False``) all end up in one table.
+
+With ``overwrite=False`` a case counts as done, and is skipped, only when its segmentation (and ``.npz``
+with ``save_probabilities``), its maps and its table row are all there.
 
 With several folds, each fold's map and image score are computed with its weights and its detector, each
 map calibrated with the fold's own calibration, then maps and scores are averaged (as nnU-Net averages
@@ -33,18 +42,25 @@ import io
 import json
 import os
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
-from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
 from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.export_prediction import (
+    convert_predicted_logits_to_segmentation_with_correct_shape,
+    export_prediction_from_logits,
+)
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import empty_cache
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import (
     convert_labelmap_to_one_hot,
     determine_num_input_channels,
@@ -55,18 +71,51 @@ from torch._dynamo import OptimizedModule
 from ...calibration import Calibration
 from ...detectors.fused import FusedDetector
 from ...engines.checkpoint import load_detector
-from ...files import atomic_write_text
+from ...files import atomic_write_text, lock_folder
 from .calibration import calibration_path, load_calibration
 from .detector import DEFAULT_CHECKPOINT, detector_path
 from .geometry import map_to_input_image, map_to_original_array, write_map
 from .sliding_window import score_case
 
-__all__ = ["find_trainer_class", "nnUNetPrototypeOODPredictor"]
+__all__ = [
+    "OOD_FOLDER",
+    "find_trainer_class",
+    "nnUNetPrototypeOODPredictor",
+    "ood_map_path",
+    "read_ood_table",
+]
 
+#: the subfolder of a prediction folder that holds the maps and the table
+OOD_FOLDER = "ood"
 SCORE_SUFFIX = "_score"
 CALIBRATED_SUFFIX = "_score_calibrated"
 MAP_FILE_ENDING = ".nii.gz"
 TABLE_NAME = "ood_scores"
+TABLE_COLUMNS = ["case", "image_score", "calibrated_degree", "score_map", "calibrated_map"]
+#: held while a table is read and rewritten (jobs of one folder update it one after the other)
+TABLE_LOCK = f".{TABLE_NAME}.lock"
+_SUFFIXES = {"score": SCORE_SUFFIX, "calibrated": CALIBRATED_SUFFIX}
+
+
+def ood_map_path(truncated_output_file: str | os.PathLike, name: str = "score") -> Path:
+    """Where the map ``name`` (``"score"`` for ``A``, ``"calibrated"`` for ``A_xi``) of the case whose
+    segmentation is ``<truncated_output_file><file_ending>`` goes: ``<folder>/ood/<case>_score.nii.gz``."""
+    path = Path(truncated_output_file)
+    return path.parent / OOD_FOLDER / f"{path.name}{_SUFFIXES[name]}{MAP_FILE_ENDING}"
+
+
+def read_ood_table(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The rows of ``<folder>/ood_scores.json`` by case (``folder`` is the ``ood/`` subfolder); ``{}``
+    without one, and, with a warning, for a file that is not such a table (it is then rewritten)."""
+    path = Path(folder) / f"{TABLE_NAME}.json"
+    if not path.is_file():
+        return {}
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return {str(row["case"]): dict(row) for row in rows}
+    except (ValueError, KeyError, TypeError) as error:
+        warnings.warn(f"{str(path)!r} is not an OOD score table ({error}); it is written anew", stacklevel=2)
+        return {}
 
 
 def _find_in_folder(folder: str, name: str):
@@ -304,16 +353,21 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
             self.ood_maps.append({"score": originals["score"], "calibrated": originals.get("calibrated")})
             return row
         reference = input_files[0] if input_files else None
-        suffixes = {"score": SCORE_SUFFIX, "calibrated": CALIBRATED_SUFFIX}
         notes = {
             "score": "monai-ood A(x): default detector map",
             "calibrated": "monai-ood A_xi: Weibull CDF of A",
         }
         for name, array in originals.items():
             image = map_to_input_image(array, properties, self.plans_manager.image_reader_writer_class)
-            path = write_map(image, ofile + suffixes[name] + MAP_FILE_ENDING, reference, notes[name])
-            row[f"{name}_map"] = str(path)
+            target = ood_map_path(ofile, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            row[f"{name}_map"] = str(write_map(image, target, reference, notes[name]))
         return row
+
+    def map_names(self) -> list[str]:
+        """The maps every case gets: ``["score"]``, plus ``"calibrated"`` when every fold has a calibration."""
+        calibrated = bool(self.calibrations) and all(c is not None for c in self.calibrations)
+        return ["score", "calibrated"] if calibrated else ["score"]
 
     def _with_score_maps(self, data_iterator: Iterable[dict]) -> Iterator[dict]:
         for item in data_iterator:
@@ -326,34 +380,115 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
             row = self.export_ood_maps(
                 data, item["data_properties"], ofile, self._inputs_of_output.get(ofile) if ofile else None
             )
-            self.ood_rows.append(row)
+            self._record(row)
             yield {**item, "data": data}
 
-    def _write_tables(self) -> None:
-        by_folder: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for row in self.ood_rows:
-            if "score_map" in row:
-                by_folder[os.path.dirname(row["score_map"])].append(row)
-        columns = ["case", "image_score", "calibrated_degree", "score_map", "calibrated_map"]
-        for folder, rows in by_folder.items():
+    def _record(self, row: dict[str, Any]) -> None:
+        """Keep a case's row and, for a case written to a folder, put it in that folder's table."""
+        self.ood_rows.append(row)
+        if "score_map" not in row:
+            return
+        folder = Path(row["score_map"]).parent
+        with lock_folder(folder, TABLE_LOCK, wait=600.0):
+            rows = read_ood_table(folder)
+            rows[row["case"]] = row
+            # the rows of other cases stay while their maps do (other jobs, earlier runs)
+            rows = {
+                case: rows[case]
+                for case in sorted(rows)
+                if (folder / f"{case}{SCORE_SUFFIX}{MAP_FILE_ENDING}").is_file()
+            }
             text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+            writer = csv.DictWriter(
+                text, fieldnames=TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n"
+            )
             writer.writeheader()
-            writer.writerows(rows)
-            atomic_write_text(Path(folder) / f"{TABLE_NAME}.csv", text.getvalue(), overwrite=True)
+            writer.writerows(rows.values())
+            atomic_write_text(folder / f"{TABLE_NAME}.csv", text.getvalue(), overwrite=True)
             atomic_write_text(
-                Path(folder) / f"{TABLE_NAME}.json",
-                json.dumps(rows, indent=2, allow_nan=False) + "\n",
+                folder / f"{TABLE_NAME}.json",
+                json.dumps(list(rows.values()), indent=2, allow_nan=False) + "\n",
                 overwrite=True,
             )
 
     # ------------------------------------------------------------------ nnU-Net's entry points
 
-    def _manage_input_and_output_lists(self, *args, **kwargs):
-        lists, outputs, segs_from_prev_stage = super()._manage_input_and_output_lists(*args, **kwargs)
+    def _is_done(self, ofile: str, save_probabilities: bool, tables: dict[Path, dict]) -> bool:
+        """Whether a case has all its outputs: segmentation (and ``.npz``), maps and table row."""
+        files = [Path(ofile + self.dataset_json["file_ending"])]
+        if save_probabilities:
+            files.append(Path(ofile + ".npz"))
+        if not self.write_score_maps:
+            return all(f.is_file() for f in files)
+        files += [ood_map_path(ofile, name) for name in self.map_names()]
+        folder = ood_map_path(ofile).parent
+        if folder not in tables:
+            tables[folder] = read_ood_table(folder)
+        return all(f.is_file() for f in files) and os.path.basename(ofile) in tables[folder]
+
+    def _manage_input_and_output_lists(
+        self,
+        list_of_lists_or_source_folder,
+        output_folder_or_list_of_truncated_output_files,
+        folder_with_segs_from_prev_stage: str | None = None,
+        overwrite: bool = True,
+        part_id: int = 0,
+        num_parts: int = 1,
+        save_probabilities: bool = False,
+    ):
+        """nnU-Net's case lists (this part's share of them), where ``overwrite=False`` skips a case only when
+        its segmentation, its maps and its table row are all there."""
+        lists, outputs, segs = super()._manage_input_and_output_lists(
+            list_of_lists_or_source_folder,
+            output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage,
+            True,
+            part_id,
+            num_parts,
+            save_probabilities,
+        )
+        if not overwrite and outputs is not None:
+            tables: dict[Path, dict] = {}
+            todo = [
+                i for i, ofile in enumerate(outputs) if not self._is_done(ofile, save_probabilities, tables)
+            ]
+            what = "segmentation, OOD maps and table row" if self.write_score_maps else "segmentation"
+            print(
+                f"continuing: {len(outputs) - len(todo)} of {len(outputs)} cases have their {what} already; "
+                f"predicting the other {len(todo)}"
+            )
+            lists, outputs = [lists[i] for i in todo], [outputs[i] for i in todo]
+            segs = [segs[i] for i in todo] if segs is not None else None
         if outputs is not None:
             self._inputs_of_output.update(dict(zip(outputs, lists, strict=True)))
-        return lists, outputs, segs_from_prev_stage
+        return lists, outputs, segs
+
+    def predict_from_files(
+        self,
+        list_of_lists_or_source_folder,
+        output_folder_or_list_of_truncated_output_files,
+        save_probabilities: bool = False,
+        overwrite: bool = True,
+        num_processes_preprocessing: int = default_num_processes,
+        num_processes_segmentation_export: int = default_num_processes,
+        folder_with_segs_from_prev_stage: str | None = None,
+        num_parts: int = 1,
+        part_id: int = 0,
+    ):
+        """nnU-Net's ``predict_from_files`` (its arguments, by the same names: nnU-Net records them from
+        this signature); each case's maps and table row are written before its segmentation is exported."""
+        self.ood_rows, self.ood_maps = [], []
+        return super().predict_from_files(
+            list_of_lists_or_source_folder,
+            output_folder_or_list_of_truncated_output_files,
+            save_probabilities,
+            overwrite,
+            num_processes_preprocessing,
+            num_processes_segmentation_export,
+            folder_with_segs_from_prev_stage,
+            num_parts,
+            part_id,
+        )
 
     def predict_from_data_iterator(
         self,
@@ -372,7 +507,6 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
         )
         if isinstance(data_iterator, MultiThreadedAugmenter):
             data_iterator._finish()
-        self._write_tables()
         return result
 
     def predict_from_files_sequential(
@@ -382,43 +516,56 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
         save_probabilities: bool = False,
         overwrite: bool = True,
         folder_with_segs_from_prev_stage: str | None = None,
+        num_parts: int = 1,
+        part_id: int = 0,
     ):
-        """nnU-Net's sequential prediction (no worker processes), then the maps case by case."""
-        if not self.write_score_maps:
-            return super().predict_from_files_sequential(
-                list_of_lists_or_source_folder,
-                output_folder_or_list_of_truncated_output_files,
-                save_probabilities,
-                overwrite,
-                folder_with_segs_from_prev_stage,
-            )
-        # nnU-Net's sequential path writes its argument files before it creates the output folder
+        """nnU-Net's sequential prediction (no worker processes), each case's maps and table row right
+        after its segmentation, from the same preprocessing.
+
+        nnU-Net's steps, in its order (its argument, ``dataset.json`` and ``plans.json`` files, the cascade
+        check, the case lists, preprocessing, logits, export); ``num_parts`` / ``part_id`` split the cases
+        as in ``predict_from_files`` (nnU-Net's sequential prediction has no such arguments).
+
+        Returns:
+            As nnU-Net's: the segmentations of cases without an output file, else ``[]``.
+        """
+        arguments = deepcopy({k: v for k, v in locals().items() if k != "self"})
         target = output_folder_or_list_of_truncated_output_files
         if isinstance(target, str):
-            os.makedirs(target, exist_ok=True)
+            output_folder = target
         elif isinstance(target, list) and target:
-            os.makedirs(os.path.dirname(target[0]) or os.curdir, exist_ok=True)
-        # the cases nnU-Net will predict (with overwrite=False it skips those already done)
+            output_folder = os.path.dirname(target[0]) or os.curdir
+        else:
+            output_folder = None
+        if output_folder is not None:
+            # what was used to make the predictions, and what nnU-Net's postprocessing reads back
+            os.makedirs(output_folder, exist_ok=True)
+            recursive_fix_for_json_export(arguments)
+            save_json(arguments, join(output_folder, "predict_from_raw_data_args.json"))
+            save_json(self.dataset_json, join(output_folder, "dataset.json"), sort_keys=False)
+            save_json(self.plans_manager.plans, join(output_folder, "plans.json"), sort_keys=False)
+        if (
+            self.configuration_manager.previous_stage_name is not None
+            and folder_with_segs_from_prev_stage is None
+        ):
+            raise ValueError(
+                "the configuration is a cascade: give the previous stage's "
+                f"({self.configuration_manager.previous_stage_name}) predictions as folder_with_segs_from_prev_stage"
+            )
+        self.ood_rows, self.ood_maps = [], []
         lists, outputs, segs = self._manage_input_and_output_lists(
             list_of_lists_or_source_folder,
-            output_folder_or_list_of_truncated_output_files,
+            target,
             folder_with_segs_from_prev_stage,
             overwrite,
-            0,
-            1,
+            part_id,
+            num_parts,
             save_probabilities,
         )
-        result = super().predict_from_files_sequential(
-            lists if outputs is not None else list_of_lists_or_source_folder,
-            outputs if outputs is not None else output_folder_or_list_of_truncated_output_files,
-            save_probabilities,
-            True,
-            folder_with_segs_from_prev_stage,
-        )
-        self.ood_rows, self.ood_maps = [], []
         preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose)
         outputs = outputs if outputs is not None else [None] * len(lists)
         segs = segs if segs is not None else [None] * len(lists)
+        segmentations = []
         for files, ofile, seg_file in zip(lists, outputs, segs, strict=True):
             data, seg, properties = preprocessor.run_case(
                 files, seg_file, self.plans_manager, self.configuration_manager, self.dataset_json
@@ -428,6 +575,31 @@ class nnUNetPrototypeOODPredictor(nnUNetPredictor):  # noqa: N801 (nnU-Net's nam
                     seg[0], self.label_manager.foreground_labels, data.dtype
                 )
                 data = np.vstack((data, one_hot))
-            self.ood_rows.append(self.export_ood_maps(torch.from_numpy(data), properties, ofile, files))
-        self._write_tables()
-        return result
+            data = torch.from_numpy(data)
+            logits = self.predict_logits_from_preprocessed_data(data).cpu()
+            if ofile is not None:
+                export_prediction_from_logits(
+                    logits,
+                    properties,
+                    self.configuration_manager,
+                    self.plans_manager,
+                    self.dataset_json,
+                    ofile,
+                    save_probabilities,
+                )
+            else:
+                segmentations.append(
+                    convert_predicted_logits_to_segmentation_with_correct_shape(
+                        logits,
+                        self.plans_manager,
+                        self.configuration_manager,
+                        self.label_manager,
+                        properties,
+                        save_probabilities,
+                    )
+                )
+            if self.write_score_maps:
+                self._record(self.export_ood_maps(data, properties, ofile, files))
+        compute_gaussian.cache_clear()
+        empty_cache(self.device)
+        return segmentations

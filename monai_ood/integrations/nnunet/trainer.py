@@ -25,6 +25,10 @@ loss, optimiser, schedule, checkpoints, validation, is nnU-Net's own):
   ``fold_<f>/ood_calibration.json`` (:class:`monai_ood.calibration.Calibration`), both beside
   ``checkpoint_final.pth``. The trained head is what shapes the encoder the detector reads; the
   predictor writes the detector's map.
+* **Pretrained weights** (``nnUNetv2_train ... -pretrained_weights FILE``): a checkpoint of nnU-Net's own
+  trainer loads into the wrapper's ``backbone.*``, the head left initialised
+  (:mod:`~monai_ood.integrations.nnunet.pretrained`; ``initialize`` routes nnU-Net's loader there for
+  this network), with one line in the training log of what was loaded and what was not.
 * ``torch.compile`` is not used (the head works through forward hooks and encoder-only passes).
 
 Region-based training (``regions_class_order``) is not supported: prototypes are per class.
@@ -67,6 +71,7 @@ from ...transforms.outlier_synthesis import PAPER_OPS, OutlierSynthesis
 from .calibration import calibration_path, fit_calibration
 from .detector import DEFAULT_CHECKPOINT, deep_supervision_off, detector_path, fit_detector, sample_patches
 from .network import nnUNetPrototypeOODNet
+from .pretrained import PretrainedWeights, load_pretrained_weights, route_nnunet_loader
 
 __all__ = ["OutlierChannels", "PrototypeOODTrainerMixin", "masked_inlier_term", "nnUNetTrainerPrototypeOOD"]
 
@@ -226,12 +231,21 @@ class PrototypeOODTrainerMixin:
                 "(regions_class_order in dataset.json) is not supported"
             )
         super().initialize()
+        route_nnunet_loader(self)  # nnUNetv2_train -pretrained_weights loads right after initialize
         self.ood_loss_fn = OutlierExposureLoss(self.ood_network().num_dims)
         net = self.ood_network()
         self.print_to_log_file(
             f"Prototype OOD head on {net.layer!r} ({net.feature_channels} channels -> c_g = {net.num_dims}), "
             f"K = {net.num_classes} prototypes, lambda = {self.ood_lambda}, outlier ops {tuple(self.ood_outlier_ops)}"
         )
+
+    def load_pretrained_weights(self, source) -> PretrainedWeights:
+        """Load an nnU-Net checkpoint, plain or of this trainer, into the network (what
+        ``-pretrained_weights`` does; see :func:`~monai_ood.integrations.nnunet.pretrained.load_pretrained_weights`)
+        and log the one-line summary."""
+        summary = load_pretrained_weights(self.ood_network(), source)
+        self.print_to_log_file(summary.line())
+        return summary
 
     def _do_i_compile(self) -> bool:
         if super()._do_i_compile():
