@@ -33,8 +33,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# chromium: the headless browser the triage report's test renders it in (tests/test_triage.py)
-DEBIAN_SOURCES ?= mricron-data invesalius-examples chromium
+# chromium: the headless browser the triage report's test renders it in (tests/test_triage.py);
+# dcm2niix: an independent reader of the DICOM Parametric Map outputs (tests/io/test_dicom_output.py)
+DEBIAN_SOURCES ?= mricron-data invesalius-examples chromium dcm2niix
 # Installed when missing and root with apt; otherwise one line names the command and the sets are skipped
 debian-sources:
 	@missing=""; for p in $(DEBIAN_SOURCES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

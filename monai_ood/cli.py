@@ -1,4 +1,4 @@
-"""``monai-ood`` command line: train, fit, calibrate, score, evaluate.
+"""``monai-ood`` command line: train, fit, calibrate, score, triage, evaluate.
 
 Examples::
 
@@ -8,7 +8,17 @@ Examples::
     monai-ood calibrate --checkpoint runs/brain/model.pt     # (train and fit do this already)
     monai-ood score --checkpoint runs/brain/model.pt scan.nii.gz dicom_folder/ --output scores/
     monai-ood score --checkpoint runs/brain/model.pt scans/ --output scores/ --resume  # finish or extend a batch
+    monai-ood triage scans/ --checkpoint runs/brain/model.pt -o triage/ --threshold 0.95  # rank, HTML report
     monai-ood evaluate --checkpoint runs/brain/model.pt --output eval/
+    monai-ood evaluate --checkpoint runs/brain/model.pt -o eval/ --ind ind_scans/ --ood ct=ct_scans/:C1
+
+Exit status (every command): 0 done; 1 score / triage went through every input but some failed (their
+rows in scores.csv say why); 2 a usage or environment error, in one line on stderr (bad arguments, a
+missing or unreadable file, outputs already there, a folder that cannot be written); 130 interrupted.
+
+Output lines: on a terminal, progress bars; otherwise (a log file, a batch job) every line starts with
+its local time (YYYY-MM-DD HH:MM:SS) and progress comes as one line per image or epoch.
+MONAI_OOD_LOG_TIMESTAMPS=always|never|auto (default auto) overrides the choice.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ OUTPUT_SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd", "dicom": ".dcm"}
 EXIT_FAILED_INPUTS = 1  # score went through every input, some failed: their rows say status=failed
 EXIT_ERROR = 2  # a usage or environment error stopped the command, reported in one line on stderr
 EXIT_INTERRUPTED = 130  # Ctrl-C
+LOG_TIMESTAMPS_ENV = "MONAI_OOD_LOG_TIMESTAMPS"
 
 
 def _load_items(args, split: str, preprocessing):
@@ -556,7 +567,11 @@ def _cmd_score(args) -> int:
                 raise _Stopped(path, error, done, len(todo)) from error
 
         try:
-            for path in tqdm(todo, desc="score", unit="image", disable=args.quiet):
+            # a bar on a terminal; in a log, one line per image (tqdm's carriage returns would fill it)
+            lines = not args.quiet and not sys.stderr.isatty()
+            for index, path in enumerate(tqdm(todo, desc="score", unit="image", disable=args.quiet or lines)):
+                if lines:
+                    print(f"score: {index + 1}/{len(todo)} {path}", flush=True)
                 stem, paths = stems[path], planned[path]
                 try:
                     scored = score_image(
@@ -884,7 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"monai-ood {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,fit,calibrate,score,evaluate}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,fit,calibrate,score,triage,evaluate}"
+    )
 
     p = sub.add_parser(
         "train",
@@ -1096,14 +1113,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _TimestampedLines:
+    """A text stream that starts every line written through it with the local time, for logs."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._line_start = True
+
+    def write(self, text: str) -> int:
+        import time
+
+        pieces = []
+        for piece in str(text).splitlines(keepends=True):
+            if self._line_start and piece.strip():
+                pieces.append(time.strftime("%Y-%m-%d %H:%M:%S ") + piece)
+            else:
+                pieces.append(piece)
+            self._line_start = piece.endswith(("\n", "\r"))
+        return self._stream.write("".join(pieces))
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):  # flush, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+def log_timestamps(stream=None) -> bool:
+    """Whether output lines get a timestamp: ``$MONAI_OOD_LOG_TIMESTAMPS`` = ``always`` / ``never``, else
+    (``auto``) when ``stream`` (stdout) is not a terminal."""
+    mode = os.environ.get(LOG_TIMESTAMPS_ENV, "auto").strip().lower()
+    if mode in ("always", "1", "yes", "true"):
+        return True
+    if mode in ("never", "0", "no", "false"):
+        return False
+    stream = sys.stdout if stream is None else stream
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    stamped = log_timestamps()
+    streams = sys.stdout, sys.stderr
+    if stamped:
+        sys.stdout, sys.stderr = _TimestampedLines(sys.stdout), _TimestampedLines(sys.stderr)
+    handler = None
     if not logging.getLogger().handlers:
         # our epoch lines are the progress report where no bar can be drawn; ignite's per-run chatter is not
-        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))  # the stream adds the time
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("monai_ood").setLevel(logging.INFO)
     try:
         return args.func(args)
@@ -1115,6 +1181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"monai-ood {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        sys.stdout, sys.stderr = streams
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,19 @@ Everything goes through the ``monai-ood`` command line, exactly as a user would 
    domain (a CT head DICOM file from pydicom-data), C2 another viewpoint (sagittal anatomy stored as
    if it were axial, a mislabelled header), C3 unseen conditions (the 2009c T2 of the same anatomy,
    a diffusion b0 volume from another scanner, and the InD slab with a TorchIO motion artefact);
-3. ``monai-ood score`` on them: segmentation, A and A_xi maps at each input's geometry + scores table;
-4. ``monai-ood evaluate``: AUROC / FPR@95TPR per OOD set on the benchmark slices;
-5. an overlay montage PNG (image | segmentation | A_xi) of the middle slice of each input.
+3. ``monai-ood triage`` on them: scores each (segmentation, A and A_xi maps at each input's geometry,
+   the scores table), ranks them by OOD degree and writes ``triage.csv`` and ``triage.html``;
+4. ``monai-ood evaluate``: on the embedded benchmark (AUROC / FPR@95TPR per OOD set, severity,
+   localisation, the degree's calibration), and the same benchmark written as folders of NIfTI files
+   (:func:`monai_ood.benchmark.export.write_benchmark_folders`) through ``evaluate --ind --ood --labels``,
+   the path for your own data;
+5. an overlay montage PNG (image | segmentation | A_xi) of the middle slice of each input, and a
+   picture of the triage report (headless Chromium, when installed).
 
-Run: ``python -m monai_ood.demo [--output outputs/demo] [--epochs 70] [--seed 0] [--overwrite]``.
+``--docs DIR`` copies the pictures and reports the README shows (montage, triage report, evaluation
+tables and plots) to ``DIR`` (the committed ``docs/demo``).
+
+Run: ``python -m monai_ood.demo [--output outputs/demo] [--epochs 70] [--seed 0] [--overwrite] [--docs DIR]``.
 """
 
 from __future__ import annotations
@@ -150,6 +158,48 @@ def _montage(paths: dict[str, Path], scores_dir: Path, output: Path, table: dict
     )
 
 
+TRIAGE_THRESHOLD = 0.95
+
+# what --docs copies, relative to the demo folder (a missing picture, e.g. without chromium, is skipped)
+DOCS_FILES = (
+    "montage.png",
+    "triage.png",
+    "scores/triage.csv",
+    "scores/scores.csv",
+    "evaluation/evaluation.json",
+    "evaluation/evaluation.md",
+    "evaluation_folders/evaluation.json",
+    "evaluation_folders/evaluation.md",
+)
+
+
+def _copy_to_docs(output: Path, docs: Path) -> None:
+    """The README's pictures and reports, copied from the demo folder (paths made relative to it)."""
+    import shutil
+
+    def copy(source: Path, target: Path) -> None:
+        if source.suffix in (".json", ".md", ".csv"):
+            text = source.read_text(encoding="utf-8").replace(str(output.resolve()) + "/", "")
+            text = text.replace(str(output) + "/", "")
+            atomic_write(
+                target, lambda temporary: temporary.write_text(text, encoding="utf-8"), overwrite=True
+            )
+        else:
+            atomic_write(target, lambda temporary: shutil.copyfile(source, temporary), overwrite=True)
+
+    for name in DOCS_FILES:
+        if (output / name).is_file():
+            target = (
+                name.replace("scores/", "")
+                .replace("evaluation/", "")
+                .replace("evaluation_folders/", "folders_")
+            )
+            copy(output / name, docs / target)
+    for folder, prefix in (("evaluation", ""), ("evaluation_folders", "folders_")):
+        for png in sorted((output / folder / "plots").glob("*.png")):
+            copy(png, docs / "plots" / f"{prefix}{png.name}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="outputs/demo", help="demo folder (default: outputs/demo)")
@@ -167,6 +217,11 @@ def main(argv=None) -> int:
         help="embedded data cache (default: $MONAI_OOD_CACHE or ~/.cache/monai-ood)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
+    parser.add_argument(
+        "--docs",
+        default=None,
+        help="also copy the pictures and reports the README shows to this folder (the repo's docs/demo)",
+    )
     args = parser.parse_args(argv)
     output = Path(args.output)
     run_dir, inputs_dir, scores_dir = output / "run", output / "inputs", output / "scores"
@@ -201,15 +256,17 @@ def main(argv=None) -> int:
         paths = _example_inputs(inputs_dir, args.cache_dir, args.seed)
     for name, path in paths.items():
         print(f"   {name:<34} {path}")
-    print("== 3/5 monai-ood score")
+    print("== 3/5 monai-ood triage (score every input, rank by OOD degree, CSV + HTML report)")
     code = cli(
         [
-            "score",
+            "triage",
             *map(str, paths.values()),
             "--checkpoint",
             str(model),
             "--output",
             str(scores_dir),
+            "--threshold",
+            str(TRIAGE_THRESHOLD),
             *overwrite,
         ]
     )
@@ -231,7 +288,32 @@ def main(argv=None) -> int:
     )
     if code:
         return code
-    print("== 5/5 overlay montage")
+    print(
+        "   the same benchmark as folders of NIfTI files, through evaluate --ind --ood --labels (your data's path)"
+    )
+    from .benchmark.export import write_benchmark_folders
+    from .engines.checkpoint import load_model
+
+    folders = write_benchmark_folders(
+        output / "benchmark_folders",
+        load_model(model, device="cpu").preprocessing,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
+    code = cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(model),
+            "--output",
+            str(output / "evaluation_folders"),
+            *folders["evaluate_arguments"],
+            *overwrite,
+        ]
+    )
+    if code:
+        return code
+    print("== 5/5 overlay montage, picture of the triage report")
     import json
 
     table = {
@@ -240,6 +322,11 @@ def main(argv=None) -> int:
     }
     montage = output / "montage.png"
     _montage(paths, scores_dir, montage, table)
+    from .triage import screenshot
+
+    triage_png = screenshot(scores_dir / "triage.html", output / "triage.png", window=(1100, 1500))
+    if args.docs:
+        _copy_to_docs(output, Path(args.docs))
     minutes = (time.perf_counter() - start) / 60
     print(f"\ndone in {minutes:.1f} min. Outputs:")
     print(f"  model + calibration : {model}")
@@ -247,7 +334,13 @@ def main(argv=None) -> int:
     print(f"  maps (seg, A, A_xi) : {scores_dir}")
     print(f"  score table         : {scores_dir / 'scores.csv'} (and scores.json)")
     print(f"  evaluation          : {output / 'evaluation' / 'evaluation.json'}")
+    print(f"  triage              : {scores_dir / 'triage.html'} (and triage.csv)")
+    print(f"  evaluation (folders): {output / 'evaluation_folders' / 'evaluation.md'}")
     print(f"  montage             : {montage}")
+    if triage_png is not None:
+        print(f"  triage picture      : {triage_png}")
+    if args.docs:
+        print(f"  copied for the docs : {args.docs}")
     print(
         f"  3D Slicer           : Slicer --python-script {scores_dir / 'slicer' / 'load_in_slicer.py'} -- --image <input> --map <..._score_calibrated.nii.gz> --seg <..._seg.nii.gz>"
     )

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from .files import atomic_write_text
 
-__all__ = ["TRIAGE_FIELDS", "rank_scans", "thumbnail_png", "write_triage"]
+__all__ = ["TRIAGE_FIELDS", "rank_scans", "screenshot", "thumbnail_png", "write_triage"]
 
 TRIAGE_FIELDS = [
     "rank",
@@ -174,3 +174,46 @@ image (red = beyond validation).</p>
         writer.writerow(row)
     csv_path = atomic_write_text(output / "triage.csv", buffer.getvalue(), overwrite=True)
     return csv_path, html_path, rows
+
+
+def screenshot(html_path: Path, png_path: Path, window: tuple[int, int] = (1100, 1400)) -> Path | None:
+    """A PNG picture of the report as a browser shows it (headless Chromium, offline), or ``None`` with
+    one line on stderr when no ``chromium`` is installed (Debian's package; ``make setup`` installs it).
+
+    Args:
+        html_path: ``triage.html``.
+        png_path: the PNG to write (replaced if it exists).
+        window: browser window ``(width, height)`` in pixels; the page is cut at its height.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from .files import atomic_write
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        print(
+            "triage screenshot skipped: no chromium (as root: apt-get install -y chromium)", file=sys.stderr
+        )
+        return None
+
+    def render(temporary: Path) -> None:
+        with tempfile.TemporaryDirectory() as profile:
+            command = [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--screenshot={temporary}",
+                f"--window-size={window[0]},{window[1]}",
+                Path(html_path).resolve().as_uri(),
+            ]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        if not Path(temporary).is_file() or Path(temporary).stat().st_size == 0:
+            raise RuntimeError(f"chromium wrote no screenshot: {' '.join(done.stderr.split())[-300:]}")
+
+    return atomic_write(Path(png_path), render, overwrite=True)

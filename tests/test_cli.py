@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -190,8 +191,44 @@ def test_evaluate_reports_every_category(trained, tmp_path, capsys):
     for row in report["ood_sets"].values():
         assert 0 <= row["auroc"] <= 1 and 0 <= row["fpr95"] <= 1 and row["n"] > 0
     assert set(report["dice"]["per_class"]) == {"1", "2", "3"}  # a datalist model has no class names
-    assert "AUROC" in capsys.readouterr().out
+    # the same report path as on your own folders: the markdown table printed and written
+    markdown = (out / "evaluation.md").read_text()
+    assert "| OOD set | category |" in markdown and markdown in capsys.readouterr().out
+    # the calibrated checkpoint's OOD degree, measured on the InD reference images, with its figure
+    from monai_ood.engines.checkpoint import load_model
+
+    degrees = load_model(trained, device="cpu").degree.transform(report["scores"]["ind"])
+    rows = {r["threshold"]: r for r in report["degree"]["calibration"]}
+    assert rows[0.9]["observed_above"] == pytest.approx((degrees > 0.9).mean())
+    assert "OOD degree on the" in markdown
+    assert any(p.endswith("checkpoint_degree_calibration.png") for p in report["plots"])
+    assert all(Path(p).is_file() for p in report["plots"])
     assert main(argv) == 2  # an existing evaluation.json is refused without --overwrite
+    # the embedded benchmark as folders of files, evaluated as your own data: the same InD scores
+    from monai_ood.benchmark.export import write_benchmark_folders
+
+    loaded = load_model(trained, device="cpu")
+    written = write_benchmark_folders(
+        tmp_path / "folders", loaded.preprocessing, cache_dir=tmp_path / "cache", categories=("C1",)
+    )
+    assert written["ood"] and {row["category"] for row in written["ood"]} == {"C1"}
+    own = tmp_path / "own"
+    assert (
+        main(["evaluate", "--checkpoint", str(trained), "-o", str(own), *written["evaluate_arguments"]]) == 0
+    )
+    again = json.loads((own / "evaluation.json").read_text())
+    # the same images up to the re-windowing of a stored slice (tests/benchmark/test_export.py), so the
+    # same ranking of the images, not the same numbers
+    from scipy.stats import spearmanr
+
+    names = ["ind", *(row["name"] for row in written["ood"])]
+    ours = [v for name in names for v in again["scores"][name]]
+    harness = [v for name in names for v in report["scores"][name]]
+    assert len(ours) == len(harness) and spearmanr(ours, harness).statistic > 0.9
+    for row in written["ood"]:
+        if row["n"] >= 5:
+            auroc = again["ood_sets"][row["name"]]["auroc"]
+            assert auroc == pytest.approx(report["ood_sets"][row["name"]]["auroc"], abs=0.1), row["name"]
 
 
 def test_score_3d_model_uses_sliding_windows_and_keeps_geometry(dataset, tmp_path):
@@ -241,3 +278,42 @@ def test_short_flags_and_version(dataset, trained, tmp_path, capsys):
     assert (out / "oblique_score.nii.gz").is_file()
     assert main(["score", "--checkpoint", str(trained), "-o", str(tmp_path / "none"), "--quiet"]) == 2
     assert "no input given" in capsys.readouterr().err
+
+
+def test_log_lines_are_timestamped_off_a_terminal(tmp_path, monkeypatch):
+    """Piped into a log (not a terminal), every line of a command starts with its local time; an error
+    is still one line; MONAI_OOD_LOG_TIMESTAMPS=never turns it off."""
+    import re
+    import time
+
+    monkeypatch.setenv("MONAI_OOD_LOG_TIMESTAMPS", "auto")
+    argv = [sys.executable, "-m", "monai_ood", "score", str(tmp_path / "missing.nii.gz")]
+    argv += ["--checkpoint", str(tmp_path / "none.pt"), "-o", str(tmp_path / "out")]
+    before = time.strftime("%Y-%m-%d %H:%M")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    stamp = re.match(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}):\d{2} monai-ood score: error: ", lines[0])
+    assert stamp, lines[0]
+    assert before <= stamp.group(1) <= time.strftime("%Y-%m-%d %H:%M")
+    monkeypatch.setenv("MONAI_OOD_LOG_TIMESTAMPS", "never")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and done.stderr.startswith("monai-ood score: error: "), done.stderr
+
+
+def test_timestamped_stream_prefixes_line_starts_only():
+    import io
+    import re
+
+    from monai_ood.cli import _TimestampedLines
+
+    buffer = io.StringIO()
+    stream = _TimestampedLines(buffer)
+    stream.write("first line\nsecond ")
+    stream.write("half\n\nthird\n")
+    lines = buffer.getvalue().split("\n")
+    stamp = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} "
+    assert re.fullmatch(stamp + "first line", lines[0])
+    assert re.fullmatch(stamp + "second half", lines[1])  # one stamp per line, not per write
+    assert lines[2] == "" and re.fullmatch(stamp + "third", lines[3])
