@@ -16,6 +16,8 @@ calibrate / score``, and the pieces that door needs beyond stock MONAI live here
   :class:`~monai_ood.calibration.Calibration` record -> ``models/calibration.json``);
 * model files: :func:`load_weights`, :func:`require_checkpoint`, :func:`require_detector` and
   :func:`require_calibration` (one-line refusals before a run starts: missing, mismatched or stale);
+* records: :func:`tensorboard_available` (``train.json``'s TensorBoard handlers are off without the
+  ``tensorboard`` package) and :func:`save_metrics` (``evaluate.json``'s ``eval/evaluate_results.json``);
 * inference: :class:`DetectorInferer` (:func:`monai_ood.inference.score_image` with the detector) and
   :class:`ScoreImageStep` (the evaluator's iteration: maps at each input's geometry and the score table
   of ``monai-ood score``).
@@ -33,6 +35,7 @@ from .posthoc import (
     unwrap_network,
 )
 from .scoring import DetectorInferer, ScoreImageStep
+from .tracking import save_metrics, tensorboard_available
 
 __all__ = [
     "DetectorInferer",
@@ -49,6 +52,8 @@ __all__ = [
     "require_calibration",
     "require_checkpoint",
     "require_detector",
+    "save_metrics",
+    "tensorboard_available",
     "training_losses",
     "unwrap_network",
 ]

@@ -12,7 +12,7 @@ is :func:`fractional_epoch` (the paper's AdamWR, stepped every iteration).
 Under ``DistributedDataParallel`` the training pass must go through DDP's own ``forward`` for the
 gradients to be synchronised, and :class:`~monai_ood.networks.PrototypeOODNet`'s ``forward`` returns
 plain logits. :class:`TrainingForward` is the module to wrap instead: its ``forward`` is the training
-pass. ``train_multigpu.json`` sets ``network`` to ``DDP(TrainingForward(network_def))``.
+pass. ``multi_gpu_train.json`` sets ``network`` to ``DDP(TrainingForward(network_def))``.
 """
 
 from __future__ import annotations

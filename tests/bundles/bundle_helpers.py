@@ -128,3 +128,58 @@ def one_line(error: pytest.ExceptionInfo) -> str:
     message = str(error.value)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
+
+
+# ---------------------------------------------------------------- stand-ins for TensorBoard and MLflow
+# (tensorboard and mlflow are optional: the tests check what the bundles' configs send them)
+
+
+class RecordingWriter:
+    """A stand-in for TensorBoard's ``SummaryWriter``: keeps every ``add_scalar`` as ``(tag, value, step)``."""
+
+    writers: list[RecordingWriter] = []
+
+    def __init__(self, log_dir=None, **kwargs):
+        self.log_dir = log_dir
+        self.scalars: list[tuple[str, float, int]] = []
+        RecordingWriter.writers.append(self)
+
+    def add_scalar(self, tag, value, global_step=None, **kwargs):
+        self.scalars.append((str(tag), float(value), global_step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class RecordingHandler:
+    """A stand-in for MONAI's ``MLFlowHandler`` taking its settings (``DEFAULT_MLFLOW_SETTINGS``): records
+    ``output_transform(engine.state.output)`` after every iteration (when ``iteration_log``) and the engine's
+    metrics after every epoch, per engine class."""
+
+    records: list[tuple[str, str, object]] = []
+
+    def __init__(self, output_transform=lambda output: None, iteration_log=True, epoch_log=True, **settings):
+        self.output_transform = output_transform
+        self.iteration_log = iteration_log
+        self.epoch_log = epoch_log
+        self.settings = settings
+
+    def attach(self, engine):
+        from ignite.engine import Events
+
+        name = type(engine).__name__
+        if self.iteration_log:
+            engine.add_event_handler(
+                Events.ITERATION_COMPLETED,
+                lambda e: RecordingHandler.records.append(
+                    (name, "iteration", self.output_transform(e.state.output))
+                ),
+            )
+        if self.epoch_log:
+            engine.add_event_handler(
+                Events.EPOCH_COMPLETED,
+                lambda e: RecordingHandler.records.append((name, "epoch", dict(e.state.metrics))),
+            )

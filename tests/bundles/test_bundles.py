@@ -275,6 +275,18 @@ def test_deeplabv3_bundle_in_process(tmp_path, oblique_volume, brain_cache):
     _run(bundle, ["configs/train.json", "configs/evaluate.json"], **training, **tiny)
     metrics = (bundle / "eval" / "metrics.csv").read_text()
     assert re.match(r"val_mean_dice,\d", metrics)
+    # ... and its record (what docs/evaluate_results.json and metadata's eval_metrics are copied from):
+    # the same mean Dice, the Dice of each class on the 4 test slices evaluated (TINY_TRAIN)
+    results = json.loads((bundle / "eval" / "evaluate_results.json").read_text())
+    assert results["split"] == "test" and results["num_images"] == 4
+    mean_dice = float(metrics.split(",")[1].split()[0])
+    assert results["metrics"]["val_mean_dice"] == pytest.approx(mean_dice, abs=5e-5)
+    assert set(results["metrics"]) == {
+        "val_mean_dice",
+        "val_dice_csf",
+        "val_dice_grey_matter",
+        "val_dice_white_matter",
+    }
 
     captured, handle = _capture_network_inputs(DeepLabV3, TINY_SLICES["image_size"])
     try:
@@ -406,7 +418,7 @@ def test_multigpu_training_with_torchrun_on_gloo(name, tmp_path, brain_cache):
         "monai.bundle",
         "run",
         "--config_file",
-        "['configs/train.json','configs/train_multigpu.json']",
+        "['configs/train.json','configs/multi_gpu_train.json']",
         "--args_file",
         str(args),
     ]

@@ -28,7 +28,15 @@ def test_bundle_layout_and_config_consistency(name):
     folder = BUNDLES / name
     for path in ("LICENSE", "docs/README.md", "models", "configs/metadata.json", "configs/logging.conf"):
         assert (folder / path).exists(), path
-    configs = ("train", "train_multigpu", "calibrate", "evaluate", "inference")
+    configs = (
+        "train",
+        "multi_gpu_train",
+        "calibrate",
+        "evaluate",
+        "multi_gpu_evaluate",
+        "inference",
+        "mlflow_tracking",
+    )
     for config in configs:
         _config(name, f"{config}.json")
     train, inference, metadata = (
@@ -95,7 +103,14 @@ def test_bundles_differ_only_in_the_backbone():
         unet, deeplab = _config(NAMES[0], file), _config(NAMES[1], file)
         assert unet.keys() == deeplab.keys()
         assert [k for k in unet if unet[k] != deeplab[k]] == ["backbone"]
-    for file in ("calibrate.json", "evaluate.json", "train_multigpu.json", "logging.conf"):
+    for file in (
+        "calibrate.json",
+        "evaluate.json",
+        "multi_gpu_train.json",
+        "multi_gpu_evaluate.json",
+        "mlflow_tracking.json",
+        "logging.conf",
+    ):
         assert (BUNDLES / NAMES[0] / "configs" / file).read_text() == (
             BUNDLES / NAMES[1] / "configs" / file
         ).read_text()
@@ -109,7 +124,9 @@ def test_readme_commands_name_the_bundles_files(name):
         "configs/train.json",
         "configs/calibrate.json",
         "configs/inference.json",
-        "configs/train_multigpu.json",
+        "configs/evaluate.json",
+        "configs/multi_gpu_train.json",
+        "configs/multi_gpu_evaluate.json",
     } <= named
     for path in named:
         assert (BUNDLES / name / path).is_file(), path
