@@ -450,7 +450,7 @@ def evaluation_markdown(report: dict) -> str:
         rho = report["severity_spearman"]
         lines += [
             "",
-            "Severity ρ (Spearman, image score vs artefact severity 0-3): "
+            "Severity rho (Spearman, image score vs artefact severity 0-3): "
             + ", ".join(f"{name} {value:.3f}" for name, value in rho.items()),
         ]
     if report.get("localisation"):

@@ -192,7 +192,7 @@ def test_evaluate_reports_every_category(trained, tmp_path, capsys):
         assert 0 <= row["auroc"] <= 1 and 0 <= row["fpr95"] <= 1 and row["n"] > 0
     assert set(report["dice"]["per_class"]) == {"1", "2", "3"}  # a datalist model has no class names
     # the same report path as on your own folders: the markdown table printed and written
-    markdown = (out / "evaluation.md").read_text()
+    markdown = (out / "evaluation.md").read_text(encoding="utf-8")
     assert "| OOD set | category |" in markdown and markdown in capsys.readouterr().out
     # the calibrated checkpoint's OOD degree, measured on the InD reference images, with its figure
     from monai_ood.engines.checkpoint import load_model

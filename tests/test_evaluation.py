@@ -127,7 +127,7 @@ def test_evaluate_on_your_own_folders_matches_scikit_learn_on_the_scores_of_scor
     assert report["categories"]["C1"]["auroc"] == pytest.approx(expected)
     assert report["failure"]["n"] == 4 and 0 <= report["failure"]["aurc"] <= 1
     assert sorted(report["scores"]["ind"]) == pytest.approx(sorted(ind))
-    assert "| noise | C1 | 4 |" in (out / "evaluation.md").read_text()
+    assert "| noise | C1 | 4 |" in (out / "evaluation.md").read_text(encoding="utf-8")
     assert all(Path(p).is_file() for p in report["plots"]) and len(report["plots"]) == 2
     assert sitk.ReadImage(report["plots"][0]).GetSize()[0] > 100  # a real PNG
     assert main(argv) == 2  # an existing report is refused without --overwrite
