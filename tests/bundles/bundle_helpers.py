@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +186,23 @@ class RecordingHandler:
                 Events.EPOCH_COMPLETED,
                 lambda e: RecordingHandler.records.append((name, "epoch", dict(e.state.metrics))),
             )
+
+
+def run_bundle_on_two_ranks(bundle: Path, configs: str, args: Path, timeout: int = 400):
+    """``torchrun --standalone --nproc_per_node=2 -m monai.bundle run`` in ``bundle`` (gloo on the CPU),
+    with this checkout importable and one thread per rank; asserts it succeeded, returns the result."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+    ]
+    command += ["-m", "monai.bundle", "run", "--config_file", configs, "--args_file", str(args)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # light on a shared machine; torchrun would set it anyway
+    result = subprocess.run(command, cwd=bundle, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result

@@ -40,6 +40,7 @@ from bundle_helpers import (
     bundle_network,
     copy_bundle,
     data_overrides,
+    run_bundle_on_two_ranks,
     slice_preprocessing,
     write_args,
 )
@@ -407,23 +408,7 @@ def test_multigpu_training_with_torchrun_on_gloo(name, tmp_path, brain_cache):
         data_overrides(brain_cache),
         finalize,
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "['configs/train.json','configs/multi_gpu_train.json']",
-        "--args_file",
-        str(args),
-    ]
-    result = subprocess.run(command, cwd=bundle, env=_env(), capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run_bundle_on_two_ranks(bundle, "['configs/train.json','configs/multi_gpu_train.json']", args)
     assert (bundle / "models" / "model.pt").is_file()
     ranks = [torch.load(bundle / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys()

@@ -43,6 +43,7 @@ from bundle_helpers import (
     RecordingWriter,
     copy_bundle,
     data_overrides,
+    run_bundle_on_two_ranks,
     write_args,
 )
 
@@ -328,18 +329,7 @@ def test_multi_gpu_evaluate_with_torchrun_on_gloo(tmp_path, brain_cache):
     )
     args = write_args(tmp_path / "args.json", evaluate, {"metrics_file": str(tmp_path / "multi.json")})
     configs = "['configs/train.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-    ]
-    command += ["-m", "monai.bundle", "run", "--config_file", configs, "--args_file", str(args)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=bundle, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run_bundle_on_two_ranks(bundle, configs, args, timeout=300)
     single, multi = _json(tmp_path / "single.json"), _json(tmp_path / "multi.json")
     assert multi["num_images"] == single["num_images"] == 7
     assert multi["metrics"] == pytest.approx(single["metrics"], abs=2e-4)
