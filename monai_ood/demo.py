@@ -160,17 +160,19 @@ def _montage(paths: dict[str, Path], scores_dir: Path, output: Path, table: dict
 
 TRIAGE_THRESHOLD = 0.95
 
-# what --docs copies, relative to the demo folder (a missing picture, e.g. without chromium, is skipped)
-DOCS_FILES = (
-    "montage.png",
-    "triage.png",
-    "scores/triage.csv",
-    "scores/scores.csv",
-    "evaluation/evaluation.json",
-    "evaluation/evaluation.md",
-    "evaluation_folders/evaluation.json",
-    "evaluation_folders/evaluation.md",
-)
+# what --docs copies: demo file -> name in the docs folder (a missing picture, e.g. without chromium, is
+# skipped); and the plots of each evaluation, with a prefix
+DOCS_FILES = {
+    "montage.png": "montage.png",
+    "triage.png": "triage.png",
+    "scores/triage.csv": "triage.csv",
+    "scores/scores.csv": "scores.csv",
+    "evaluation/evaluation.json": "evaluation.json",
+    "evaluation/evaluation.md": "evaluation.md",
+    "evaluation_folders/evaluation.json": "folders_evaluation.json",
+    "evaluation_folders/evaluation.md": "folders_evaluation.md",
+}
+DOCS_PLOTS = {"evaluation": "", "evaluation_folders": "folders_"}
 
 
 def _copy_to_docs(output: Path, docs: Path) -> None:
@@ -187,15 +189,10 @@ def _copy_to_docs(output: Path, docs: Path) -> None:
         else:
             atomic_write(target, lambda temporary: shutil.copyfile(source, temporary), overwrite=True)
 
-    for name in DOCS_FILES:
+    for name, target in DOCS_FILES.items():
         if (output / name).is_file():
-            target = (
-                name.replace("scores/", "")
-                .replace("evaluation/", "")
-                .replace("evaluation_folders/", "folders_")
-            )
             copy(output / name, docs / target)
-    for folder, prefix in (("evaluation", ""), ("evaluation_folders", "folders_")):
+    for folder, prefix in DOCS_PLOTS.items():
         for png in sorted((output / folder / "plots").glob("*.png")):
             copy(png, docs / "plots" / f"{prefix}{png.name}")
 
