@@ -782,26 +782,28 @@ def write_plots(report: dict, folder: Path) -> list[str]:
     return paths
 
 
-def write_degree_plot(report: dict, folder: Path) -> Path | None:
-    """The default detector's degree calibration on the InD test images, one curve per seed (and the
-    clean test slices of the first seed), or ``None`` when its runs did not measure the degree."""
+def write_degree_plot(report: dict, output: Path) -> None:
+    """The default detector's degree calibration on the InD test images, one curve per seed, in
+    ``output/plots``; ``report["degree_plot"]`` is its path relative to ``output``, or ``None`` when the
+    runs did not measure the degree."""
     from monai_ood.benchmark.plots import degree_calibration_plot
 
+    report["degree_plot"] = None
     runs = {s: report["runs"][str(s)]["methods"].get(DEFAULT) for s in report["seeds"]}
-    if not all(row and row.get("degree") for row in runs.values()):
-        return None
-    degrees = {}
-    for seed, row in runs.items():
-        validation = row["degree"].get("validation_scores")
-        if validation is None:
-            return None
-        calibrator = DegreeCalibrator().fit(validation)
-        degrees[f"InD reference, seed {seed}"] = calibrator.transform(row["scores"]["ind"])
-    return degree_calibration_plot(
+    if not all(row and (row.get("degree") or {}).get("validation_scores") for row in runs.values()):
+        return
+    degrees = {
+        f"InD reference, seed {seed}": DegreeCalibrator()
+        .fit(row["degree"]["validation_scores"])
+        .transform(row["scores"]["ind"])
+        for seed, row in runs.items()
+    }
+    path = degree_calibration_plot(
         degrees,
-        folder / "default-fused_degree_calibration.png",
+        output / "plots" / "default-fused_degree_calibration.png",
         f"{DEFAULT}: OOD degree on the InD test images",
     )
+    report["degree_plot"] = str(path.relative_to(output))
 
 
 def main(argv=None) -> int:
@@ -843,8 +845,7 @@ def main(argv=None) -> int:
     if args.rewrite:
         report = json.loads((output / "results.json").read_text(encoding="utf-8"))
         add_warp_sensitivity(report)
-        degree_plot = write_degree_plot(report, output / "plots")
-        report["degree_plot"] = str(degree_plot.relative_to(output)) if degree_plot else None
+        write_degree_plot(report, output)
         report["goals"] = goals(report)
         atomic_write_text(output / "results.json", json.dumps(report, indent=1), overwrite=True)
         atomic_write_text(output / "results.md", markdown(report), overwrite=True)
@@ -915,8 +916,7 @@ def main(argv=None) -> int:
     report["wall_minutes"] = sum(r["seconds"] for r in report["runs"].values()) / 60.0
     report["this_invocation_minutes"] = (time.perf_counter() - start) / 60.0
     report["plots"] = [str(Path(p).relative_to(output)) for p in write_plots(report, output / "plots")]
-    degree_plot = write_degree_plot(report, output / "plots")
-    report["degree_plot"] = str(degree_plot.relative_to(output)) if degree_plot else None
+    write_degree_plot(report, output)
     add_warp_sensitivity(report)
     report["goals"] = goals(report)
     atomic_write_text(output / "results.json", json.dumps(report, indent=1), overwrite=True)

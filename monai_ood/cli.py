@@ -736,7 +736,8 @@ def _cmd_evaluate(args) -> int:
         for source in [args.ind, *[path for _, path, _ in ood_sets], *([args.labels] if args.labels else [])]:
             if not Path(source).exists():
                 raise FileNotFoundError(f"not found: {source}")
-        output = _prepare_evaluation_output(args)
+    output = _prepare_evaluation_output(args)
+    if args.ind is not None:
         report = evaluate_folders(
             args.checkpoint,
             args.ind,
@@ -747,7 +748,6 @@ def _cmd_evaluate(args) -> int:
             plots=output / "plots",
         )
     else:
-        output = _prepare_evaluation_output(args)
         report = evaluate_checkpoint(
             args.checkpoint,
             cache_dir=args.cache_dir,

@@ -189,15 +189,13 @@ def degree_report(degree, ind_scores, set_scores=None, severity_groups=None, ind
         A JSON-ready dict: ``calibration`` (rows of :func:`degree_calibration` on ``ind_scores``),
         ``ind_mean``, ``subsets`` (name to calibration rows), ``mean_by_set`` and ``severity_spearman``.
     """
-    ind = np.asarray(ind_scores, dtype=np.float64)
-    ind_degrees = degree.transform(ind)
-    report = {
+    ind_degrees = degree.transform(np.asarray(ind_scores, dtype=np.float64))
+    masks = {name: np.asarray(mask, dtype=bool) for name, mask in (ind_subsets or {}).items()}
+    return {
         "calibration": degree_calibration(ind_degrees),
         "ind_mean": float(ind_degrees.mean()),
         "subsets": {
-            name: degree_calibration(ind_degrees[np.asarray(mask, dtype=bool)])
-            for name, mask in (ind_subsets or {}).items()
-            if np.asarray(mask, dtype=bool).any()
+            name: degree_calibration(ind_degrees[mask]) for name, mask in masks.items() if mask.any()
         },
         "mean_by_set": {
             name: float(degree.transform(np.asarray(scores, dtype=np.float64)).mean())
@@ -208,7 +206,6 @@ def degree_report(degree, ind_scores, set_scores=None, severity_groups=None, ind
             for artefact, (scores, severities) in sorted((severity_groups or {}).items())
         },
     }
-    return report
 
 
 def evaluate_checkpoint(
@@ -243,7 +240,7 @@ def evaluate_checkpoint(
     row = evaluate(
         checkpoint_scorer(loaded, batch_size), sets, num_classes, loaded.class_names, degree=loaded.degree
     )
-    written = _plots(row["scores"], row["sets"], row["degree"], loaded.degree, plots)
+    written = _plots(row["scores"], row["sets"], loaded.degree, plots)
     return {
         "checkpoint": str(checkpoint),
         "seed": seed,
@@ -262,7 +259,7 @@ def evaluate_checkpoint(
     }
 
 
-def _plots(scores: dict, sets: dict, degree_row, degree, folder) -> list[str]:
+def _plots(scores: dict, sets: dict, degree, folder) -> list[str]:
     """The figures of an evaluation, the same for the embedded benchmark and your own folders: ROC curves
     and score histograms per category, and the OOD degree's calibration on the InD images (when the
     checkpoint has a degree)."""
@@ -272,7 +269,7 @@ def _plots(scores: dict, sets: dict, degree_row, degree, folder) -> list[str]:
 
     by_set = {name: (v["category"], np.asarray(scores[name])) for name, v in sets.items()}
     written = method_plots("checkpoint", np.asarray(scores["ind"]), by_set, folder)
-    if degree_row is not None:
+    if degree is not None:
         written.append(
             degree_calibration_plot(
                 {"InD images": degree.transform(np.asarray(scores["ind"], dtype=np.float64))},
@@ -407,7 +404,7 @@ def evaluate_folders(
     degree = None
     if loaded.degree is not None:
         degree = degree_report(loaded.degree, ind_scores, {name: scores[name] for name in sets})
-    written = _plots(scores, sets, degree, loaded.degree, plots)
+    written = _plots(scores, sets, loaded.degree, plots)
     return {
         "checkpoint": str(checkpoint),
         "ind": {"source": str(ind), "n": int(ind_scores.size), "mean_score": float(ind_scores.mean())},

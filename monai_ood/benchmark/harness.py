@@ -273,9 +273,13 @@ def evaluate(
                 "set": name,
                 **localisation_metrics(out.score_map, np.stack([np.asarray(m)[0] > 0 for m in masks]), valid),
             }
-    row["severity_spearman"] = {
-        artefact: severity_correlation(list(base_scores) + scores, [0] * len(base_scores) + severities)
+    # each artefact's scores with the clean base's as severity 0
+    severity_groups = {
+        artefact: (list(base_scores) + scores, [0] * len(base_scores) + severities)
         for artefact, (scores, severities) in sorted(by_artefact.items())
+    }
+    row["severity_spearman"] = {
+        artefact: severity_correlation(*group) for artefact, group in severity_groups.items()
     }
     row["degree"] = None
     if degree is not None:
@@ -283,10 +287,7 @@ def evaluate(
             degree,
             ind_scores,
             {name: row["scores"][name] for name in sets.ood},
-            {
-                artefact: (list(base_scores) + scores, [0] * len(base_scores) + severities)
-                for artefact, (scores, severities) in by_artefact.items()
-            },
+            severity_groups,
             ind_subsets={"clean test slices": [i.get("variant") is None for i in sets.ind]},
         )
     if failure["segmentation"] and len(failure["segmentation"]) == len(failure["scores"]):
