@@ -480,7 +480,8 @@ def _selected_slices(
     if min_coverage is not None:
         ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
         ones.CopyInformation(image)
-        covered = sitk.GetArrayViewFromImage(to_grid(ones, grid, sitk.sitkNearestNeighbor)).mean(axis=(1, 2))
+        # a copy: a view of the temporary resampled image would read freed memory (random slice counts)
+        covered = sitk.GetArrayFromImage(to_grid(ones, grid, sitk.sitkNearestNeighbor)).mean(axis=(1, 2))
         keep &= covered >= min_coverage
     kept = np.flatnonzero(keep)[::step]
     return slices[kept], kept, slice_positions(grid)[kept]
